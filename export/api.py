@@ -1,0 +1,111 @@
+"""export_model(): build the model, run one backend's exporter into a temp folder, write the
+tokenizer and the manifest, rename. Backends register an exporter in EXPORTERS."""
+from __future__ import annotations
+
+import datetime
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from sfedge import __version__
+from sfedge.budget import compute_budget, template_text_tokens
+from sfedge.config import ModelConfig
+from sfedge.errors import UsageError
+from sfedge.manifest import TOKENIZER_FILE, ArtifactEntry, Manifest
+from sfedge.models import SFLlava, WeightsSource, build_model, resolve_config
+from sfedge.quantize.recipes import Recipe, get_recipe
+from sfedge.registry import Registry
+from sfedge.tokenizer import load_tokenizer
+from sfedge.export.common import Progress, atomic_output_dir
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    backend: str
+    recipe: str = "fp32"
+    max_context: Optional[int] = None  # KV-cache length; default: the budget's prompt + 512 new tokens
+    prefill_chunk: int = 128  # the largest T the text decoder takes at once
+    encoder_batch: int = 1  # frames per vision-encoder call (static)
+    overwrite: bool = False
+    show_progress: bool = True
+
+
+Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]
+EXPORTERS: Registry[Exporter] = Registry("export backend")
+
+
+def default_max_context(config: ModelConfig, text_tokens: int, new_tokens: int = 512, multiple: int = 256) -> int:
+    budget = compute_budget(config, text_tokens, max_new_tokens=new_tokens)
+    rounded = -(-budget.total_tokens // multiple) * multiple
+    return min(rounded, config.llm.max_context)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "coremltools", "tokenizers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _ensure_backend_loaded(backend: str) -> None:
+    """Exporters register on import; import only the one asked for (optional dependencies)."""
+    import importlib
+
+    modules = {"executorch": "sfedge.export.executorch", "onnx": "sfedge.export.onnx", "coreml": "sfedge.export.coreml",
+               "executorch-coreml": "sfedge.export.executorch_coreml"}
+    if backend in modules and backend not in EXPORTERS:
+        try:
+            importlib.import_module(modules[backend])
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("sfedge"):
+                raise UsageError(f"export backend {backend!r} is not available in this build") from None
+            raise
+
+
+def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOptions, out_dir: Path) -> Manifest:
+    _ensure_backend_loaded(options.backend)
+    exporter = EXPORTERS.get(options.backend)
+    recipe = get_recipe(options.backend, options.recipe)
+    config = resolve_config(config, weights)
+    tokenizer = load_tokenizer(config, weights.llm_dir)
+    text_tokens = template_text_tokens(config, llm_dir=weights.llm_dir)
+    max_context = options.max_context or default_max_context(config, text_tokens)
+    if max_context > config.llm.max_context:
+        raise UsageError(f"--max-context {max_context} exceeds model {config.name}'s context of {config.llm.max_context}")
+    if options.prefill_chunk < 1 or options.prefill_chunk >= max_context:
+        raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
+    options = ExportOptions(**{**asdict(options), "max_context": max_context})
+    progress = Progress(enabled=options.show_progress)
+    with progress.stage("model", "build"):
+        model = build_model(config, weights, max_context)
+    with atomic_output_dir(out_dir, options.overwrite) as tmp:
+        entries = exporter(model, options, recipe, tmp, progress)
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        manifest = Manifest(
+            backend=options.backend, recipe=recipe.name, preset=config.name, model_config=config.to_dict(),
+            weights={**weights.to_dict(), "fingerprint": weights.fingerprint()},
+            token_budget=compute_budget(config, text_tokens, context=max_context).to_dict(),
+            export_options={**asdict(options), "frames": config.slowfast.frames, "stage_seconds": progress.timings},
+            tokenizer={"file": TOKENIZER_FILE, "kind": config.tokenizer,
+                       "special_tokens": dict(config.llm.special_tokens), "eos_ids": list(config.llm.eos_ids)},
+            components=entries, sfedge_version=__version__, git_commit=_git_commit(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            library_versions=library_versions(),
+        )
+        manifest.write(tmp)
+    return manifest

@@ -1,0 +1,92 @@
+"""Quantization recipes as data: per backend, a recipe names a scheme per component.
+
+A recipe's parity tolerance is part of it: ``sfedge parity`` checks each artifact against the eager
+fp32 model with the tolerance of the recipe it was exported with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from sfedge.errors import UsageError
+from sfedge.manifest import Component
+from sfedge.registry import Registry
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """fp: max abs difference of outputs; quantized: teacher-forced greedy top-1 agreement."""
+
+    max_abs: Optional[float] = None  # checked per component when set
+    min_top1: Optional[float] = None  # checked end to end when set
+    min_cosine: Optional[float] = None  # checked per component when set
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_abs is not None:
+            parts.append(f"max abs <= {self.max_abs:g}")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine:g}")
+        if self.min_top1 is not None:
+            parts.append(f"top-1 agreement >= {self.min_top1:.0%}")
+        return ", ".join(parts)
+
+
+FP32_TOLERANCE = Tolerance(max_abs=1e-4, min_top1=1.0)
+INT8_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.99)
+INT4_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.95)
+FP16_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.999)
+
+
+@dataclass(frozen=True)
+class ComponentScheme:
+    """How one component is quantized: ``scheme`` is the backend's vocabulary (e.g. 8da4w)."""
+
+    scheme: str = "fp32"
+    group_size: Optional[int] = None
+    options: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size, **({"options": dict(self.options)} if self.options else {})}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    backend: str
+    description: str
+    components: Dict[str, ComponentScheme]
+    tolerance: Tolerance
+
+    def scheme(self, component: Component | str) -> ComponentScheme:
+        key = component.value if isinstance(component, Component) else component
+        return self.components.get(key, ComponentScheme())
+
+
+RECIPES: Dict[str, Registry[Recipe]] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    RECIPES.setdefault(recipe.backend, Registry(f"{recipe.backend} quantization recipe")).add(recipe.name, recipe)
+    return recipe
+
+
+def get_recipe(backend: str, name: str) -> Recipe:
+    if backend not in RECIPES:
+        raise UsageError(f"backend {backend!r} has no quantization recipes; backends with recipes: {', '.join(RECIPES)}")
+    return RECIPES[backend].get(name)
+
+
+def recipe_names(backend: str) -> list[str]:
+    return RECIPES[backend].names() if backend in RECIPES else []
+
+
+def uniform(scheme: ComponentScheme, **overrides: ComponentScheme) -> Dict[str, ComponentScheme]:
+    """The same scheme for all four components, with per-component overrides."""
+    table = {c.value: scheme for c in Component}
+    table.update(overrides)
+    return table
+
+
+register_recipe(Recipe("fp32", "eager", "the eager PyTorch model in fp32 (the parity reference)",
+                       uniform(ComponentScheme("fp32")), FP32_TOLERANCE))

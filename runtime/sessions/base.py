@@ -1,0 +1,63 @@
+"""One interface over every backend: the four components as calls on torch tensors.
+
+A session owns its KV cache. ``decode(embeds[T, H], start_pos)`` appends T tokens at positions
+``start_pos .. start_pos + T - 1`` and returns the logits of the last one; T may be as large as
+``max_prefill_chunk`` (prefill) or 1 (decode). ``reset()`` forgets the cache.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sfedge.config import ModelConfig
+from sfedge.manifest import Manifest
+from sfedge.registry import Registry
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Typed options shared by all backends; each backend reads the ones it knows."""
+
+    verify: bool = True  # check artifact sha256 against the manifest
+    threads: Optional[int] = None
+    provider: Optional[str] = None  # ONNX Runtime execution provider
+
+
+class ModelSession(abc.ABC):
+    backend: str = ""
+    config: ModelConfig
+    manifest: Optional[Manifest] = None
+    max_context: int  # KV cache length
+    max_prefill_chunk: int  # the largest T decode() accepts
+    frames: Optional[int] = None  # static frame count of the projector artifact, None when any count works
+    encoder_batch: Optional[int] = None  # static batch of the vision encoder artifact, None when any batch works
+
+    @abc.abstractmethod
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, 3, S, S] normalized float32 -> features [N, patches, vision width]."""
+
+    @abc.abstractmethod
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """features [T, patches, vision width] -> visual embeddings [visual tokens, hidden]."""
+
+    @abc.abstractmethod
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token ids [T] int64 -> embeddings [T, hidden]."""
+
+    @abc.abstractmethod
+    def decode(self, embeds: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """embeds [T, hidden] at start_pos -> logits [vocab] of the last position (float32)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget the KV cache (a new conversation starts at position 0)."""
+
+    def close(self) -> None:  # pragma: no cover - backends with resources override
+        pass
+
+
+SessionFactory = type  # a ModelSession subclass with ``open(folder, manifest, options)``
+SESSIONS: Registry = Registry("runtime backend")

@@ -1,0 +1,116 @@
+"""The SF-LLaVA-1.5 model as four export-friendly components, and how to build it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from sfedge.config import ModelConfig
+from sfedge.models.hf_config import llm_config_from_hf
+from sfedge.models.llm import TextDecoder, TokenEmbedding
+from sfedge.models.projector import SlowFastProjector
+from sfedge.models.vision import VisionEncoder
+from sfedge.models.weights import (
+    RANDOM_LOGIT_STD, WeightsSource, load_local, map_llm_keys, map_projector_keys, map_vision_keys, random_state,
+    read_safetensors, assign_state, _safetensors_files,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENT_SEEDS = {"vision_encoder": 0, "projector": 1, "token_embedding": 2, "text_decoder": 3}
+
+
+class SFLlava(nn.Module):
+    """Container of the four components; each is exported on its own."""
+
+    def __init__(self, config: ModelConfig, max_seq_len: int, cache_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.vision_encoder = VisionEncoder(config.vision)
+        self.projector = SlowFastProjector(config.slowfast, config.vision.width, config.llm.hidden, config.vision.grid)
+        self.token_embedding = TokenEmbedding(config.llm)
+        self.text_decoder = TextDecoder(config.llm, max_seq_len, cache_dtype)
+
+
+def resolve_config(config: ModelConfig, weights: WeightsSource) -> ModelConfig:
+    """A local LLM folder's config.json is authoritative for the LLM shape."""
+    if not weights.llm_dir:
+        return config
+    llm = llm_config_from_hf(weights.llm_dir, config.llm)
+    if llm != config.llm:
+        changed = [f.name for f in dataclasses.fields(llm) if getattr(llm, f.name) != getattr(config.llm, f.name)]
+        log.info("LLM shape taken from %s/config.json (differs from preset %s in: %s)", weights.llm_dir, config.name, ", ".join(changed))
+    return config.replace(llm=llm)
+
+
+def build_model(config: ModelConfig, weights: WeightsSource = WeightsSource(), max_seq_len: int | None = None,
+                dtype: torch.dtype = torch.float32) -> SFLlava:
+    """Build on the meta device, then fill each component from its checkpoint or seeded random tensors."""
+    config = resolve_config(config, weights)
+    max_seq_len = max_seq_len or config.llm.max_context
+    with torch.device("meta"):
+        model = SFLlava(config, max_seq_len)
+    _fill(model.vision_encoder, "vision_encoder", weights.vision_path, map_vision_keys, weights.seed, dtype)
+    _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
+    _fill_llm(model, weights, dtype)
+    _materialize_buffers(model, config, max_seq_len)
+    return model.eval()
+
+
+def _generator(seed: int, component: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1000 + COMPONENT_SEEDS[component])
+
+
+def _fill(module: nn.Module, component: str, path, mapper, seed: int, dtype: torch.dtype) -> None:
+    if path:
+        load_local(module, path, component, mapper, dtype)
+    else:
+        module.load_state_dict(random_state(module, _generator(seed, component), dtype), assign=True)
+
+
+def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype) -> None:
+    llm = model.config.llm
+    decoder = model.text_decoder
+    if weights.llm_dir:
+        embedding_entries, decoder_entries = map_llm_keys(read_safetensors(_safetensors_files(
+            __import__("pathlib").Path(weights.llm_dir), "LLM")))
+        assign_state(model.token_embedding, embedding_entries, dtype, "LLM")
+        if llm.tie_embeddings:
+            decoder_entries.setdefault("lm_head.weight", embedding_entries["embed_tokens.weight"])
+        assign_state(decoder, decoder_entries, dtype, "LLM")
+        if llm.tie_embeddings:
+            decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
+        return
+    embed_std = RANDOM_LOGIT_STD / llm.hidden ** 0.5
+    model.token_embedding.load_state_dict(
+        random_state(model.token_embedding, _generator(weights.seed, "token_embedding"), dtype, embed_std), assign=True)
+    state = random_state(decoder, _generator(weights.seed, "text_decoder"), dtype)
+    if llm.tie_embeddings:
+        del state["lm_head.weight"]
+        decoder.load_state_dict(state, strict=False, assign=True)
+        decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
+    else:
+        decoder.load_state_dict(state, assign=True)
+
+
+def _materialize_buffers(model: SFLlava, config: ModelConfig, max_seq_len: int) -> None:
+    """Non-persistent buffers (RoPE tables, KV caches, baked position grid) are computed, not loaded."""
+    from sfedge.models.llm import KVCache, rope_tables
+
+    decoder = model.text_decoder
+    cos, sin = rope_tables(config.llm.head_dim, max_seq_len, config.llm.rope_theta)
+    decoder.rope_cos, decoder.rope_sin = cos, sin
+    for module in decoder.modules():
+        if isinstance(module, KVCache):
+            shape, dtype = module.k_cache.shape, module.k_cache.dtype
+            module.k_cache = torch.zeros(shape, dtype=dtype)
+            module.v_cache = torch.zeros(shape, dtype=dtype)
+    vision = model.vision_encoder
+    vision.frame_pos_embed = torch.zeros(vision.frame_pos_embed.shape, dtype=vision.pos_embed.dtype)
+    vision.bake_position_embedding()
+
+
+__all__ = ["SFLlava", "WeightsSource", "build_model", "resolve_config", "VisionEncoder", "SlowFastProjector",
+           "TokenEmbedding", "TextDecoder"]
