@@ -71,13 +71,31 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
+RECIPE_MODULES = {"executorch": "sfedge.quantize.executorch", "onnx": "sfedge.quantize.onnx",
+                  "coreml": "sfedge.quantize.coreml", "executorch-coreml": "sfedge.quantize.coreml"}
+
+
+def _load_backend_recipes(backend: str) -> None:
+    """Each backend's recipes live in quantize/<backend>.py (pure data: no heavy imports at top)."""
+    import importlib
+
+    if backend in RECIPE_MODULES and backend not in RECIPES:
+        try:
+            importlib.import_module(RECIPE_MODULES[backend])
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("sfedge"):
+                raise
+
+
 def get_recipe(backend: str, name: str) -> Recipe:
+    _load_backend_recipes(backend)
     if backend not in RECIPES:
         raise UsageError(f"backend {backend!r} has no quantization recipes; backends with recipes: {', '.join(RECIPES)}")
     return RECIPES[backend].get(name)
 
 
 def recipe_names(backend: str) -> list[str]:
+    _load_backend_recipes(backend)
     return RECIPES[backend].names() if backend in RECIPES else []
 
 

@@ -10,7 +10,7 @@ converted once. Key mappings (documented in README):
   text_decoder ``<rest>``; ``lm_head.weight`` -> text_decoder ``lm_head.weight`` (the embedding when tied).
 * Vision: a .safetensors file or a folder holding one. Oryx-ViT/timm keys (``patch_embed.proj``,
   ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, any prefix) map
-  as they are; HF SigLIP keys (``vision_model.embeddings.*``, ``vision_model.encoder.layers.N.*``)
+  as they are; HF SigLIP keys (``[vision_model.]embeddings.*``, ``[vision_model.]encoder.layers.N.*``)
   map with q/k/v concatenated into ``attn.qkv``. Final norms and pooling heads are dropped.
 * Projector: ``[model.]mm_projector.{0,2}.{weight,bias}`` (LLaVA) or ``mlp.{0,2}.*``.
 """
@@ -29,7 +29,6 @@ from torch import nn
 
 from sfedge.errors import SfedgeError
 
-RANDOM_LINEAR_STD = 0.02
 RANDOM_LOGIT_STD = 3.0  # embedding std = this / sqrt(hidden): peaked next-token distributions
 
 
@@ -72,7 +71,9 @@ class WeightsSource:
 
 def random_state(module: nn.Module, generator: torch.Generator, dtype: torch.dtype,
                  embedding_std: Optional[float] = None) -> Dict[str, torch.Tensor]:
-    """Seeded tensors for every parameter of a (meta) module: norms 1/0, the rest N(0, 0.02)."""
+    """Seeded tensors for every parameter of a (meta) module: norms 1/0, matrices N(0, 1/fan_in)
+    (variance preserving, so every layer changes the residual stream as a trained one does), biases
+    N(0, 0.02), token embeddings N(0, embedding_std)."""
     state = {}
     for name, param in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -80,7 +81,14 @@ def random_state(module: nn.Module, generator: torch.Generator, dtype: torch.dty
         if is_norm:
             tensor = torch.ones(param.shape, dtype=dtype) if leaf == "weight" else torch.zeros(param.shape, dtype=dtype)
         else:
-            std = embedding_std if (embedding_std and "embed_tokens" in name) else RANDOM_LINEAR_STD
+            if name == "pos_embed":
+                std = 0.02
+            elif embedding_std and "embed_tokens" in name:
+                std = embedding_std
+            elif param.dim() >= 2:
+                std = (param[0].numel()) ** -0.5  # 1 / sqrt(fan_in) (conv: in_channels * k * k)
+            else:
+                std = 0.02
             tensor = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
         state[name] = tensor
     return state
@@ -163,7 +171,7 @@ def map_llm_keys(entries: dict) -> tuple[dict, dict]:
 
 
 _TIMM_ROOT = re.compile(r"(?:^|\.)((?:patch_embed\.|pos_embed|blocks\.).*)$")
-_SIGLIP_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)$")
+_SIGLIP_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(.+)$")
 _SIGLIP_RENAMES = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
@@ -173,9 +181,9 @@ def map_vision_keys(entries: dict) -> dict:
     mapped: dict = {}
     qkv_parts: dict = {}
     for name, (file, load) in entries.items():
-        if "vision_model.embeddings.patch_embedding." in name:
+        if re.search(r"(?:^|\.)embeddings\.patch_embedding\.", name):
             mapped["patch_embed.proj." + name.rsplit(".", 1)[-1]] = (file, load)
-        elif "vision_model.embeddings.position_embedding.weight" in name:
+        elif re.search(r"(?:^|\.)embeddings\.position_embedding\.weight$", name):
             mapped["pos_embed"] = (file, (lambda ld=load: ld().unsqueeze(0)))
         elif (match := _SIGLIP_LAYER.search(name)):
             layer, rest = match.groups()

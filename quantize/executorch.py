@@ -1,0 +1,114 @@
+"""ExecuTorch (XNNPACK) quantization recipes, as data, and the source transform that applies them.
+
+Vocabulary (ExecuTorch / optimum-executorch): ``8da4w`` = int8 dynamic activations x int4 weights
+(per group), ``8da8w`` = int8 dynamic activations x int8 weights (per channel); token embeddings take
+weight-only ``8w`` / ``4w`` (gathered by ExecuTorch's quantized embedding kernels, not XNNPACK).
+Every recipe quantizes *before* ``torch.export`` with torchao through
+``executorch.extension.llm.export.quantize.quantize_model_``.
+
+Weight-only linears (``4w``, ``8w``) lower through XNNPACK without error but give wrong logits on
+this stack (max abs diff 170 and 2,100 on a tiny model, see docs/executorch.md), so they are refused
+with an explanation rather than offered.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Optional
+
+from torch import nn
+
+from sfedge.errors import UsageError
+from sfedge.manifest import Component
+from sfedge.quantize.recipes import (
+    FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, ComponentScheme, Recipe, register_recipe, uniform,
+)
+from sfedge.registry import Registry
+
+BACKEND = "executorch"
+
+FP32 = ComponentScheme("fp32")
+LINEAR_8DA8W = ComponentScheme("8da8w", group_size=0)  # group 0 = per output channel
+LINEAR_8DA4W_G32 = ComponentScheme("8da4w", group_size=32)
+LINEAR_8DA4W_G128 = ComponentScheme("8da4w", group_size=128)
+EMBEDDING_8W = ComponentScheme("8w", group_size=0)
+EMBEDDING_4W = ComponentScheme("4w", group_size=32)
+
+LINEAR_SCHEMES = ("8da4w", "8da8w")  # what quantize_linears accepts
+EMBEDDING_SCHEMES = ("8w", "4w")  # what quantize_embeddings accepts
+
+# Weight-only linear schemes: asked for by name, refused with the reason.
+REFUSED = {
+    "4w": "int4 weight-only linears",
+    "8w": "int8 weight-only linears",
+    "int4": "int4 weight-only linears",
+    "int8": "int8 weight-only linears",
+}
+REFUSED_REASON = ("lower through XNNPACK without error but give silently wrong logits with executorch 1.5.1 + "
+                  "torchao 0.18.0 (max abs diff 170 and 2,100 against eager on a tiny model)")
+
+
+class _ExecuTorchRecipes(Registry):
+    """The executorch recipe registry: names of refused schemes get their reason, not just 'unknown'."""
+
+    def get(self, name: str) -> Recipe:
+        if name in REFUSED and name not in self:
+            raise UsageError(f"executorch recipe {name!r} ({REFUSED[name]}) is refused: weight-only linears {REFUSED_REASON}; "
+                             f"use one of: {', '.join(self.names())} (8da4w / 8da8w quantize activations too and are verified)")
+        return super().get(name)
+
+
+RECIPES.setdefault(BACKEND, _ExecuTorchRecipes(f"{BACKEND} quantization recipe"))
+
+_VISION_8DA8W = {Component.VISION_ENCODER.value: LINEAR_8DA8W, Component.PROJECTOR.value: LINEAR_8DA8W}
+
+
+def _llm(linear: ComponentScheme, embedding: ComponentScheme = FP32) -> dict:
+    return {**_VISION_8DA8W, Component.TOKEN_EMBEDDING.value: embedding, Component.TEXT_DECODER.value: linear}
+
+
+register_recipe(Recipe("fp32", BACKEND, "fp32 everywhere (the parity baseline)", uniform(FP32), FP32_TOLERANCE))
+register_recipe(Recipe("8da8w", BACKEND, "int8 dynamic activations x int8 per-channel weights for every linear; fp32 token embedding",
+                       _llm(LINEAR_8DA8W), INT8_TOLERANCE))
+register_recipe(Recipe("8da4w", BACKEND, "LLM linears int8 dyn. act. x int4 weights group 32; vision + projector 8da8w; fp32 token embedding",
+                       _llm(LINEAR_8DA4W_G32), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-g128", BACKEND, "as 8da4w with weight groups of 128 (smaller, slightly less exact)",
+                       _llm(LINEAR_8DA4W_G128), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-emb8", BACKEND, "8da4w plus an int8 per-row token embedding",
+                       _llm(LINEAR_8DA4W_G32, EMBEDDING_8W), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-emb4", BACKEND, "8da4w plus an int4 (group 32) token embedding: the smallest",
+                       _llm(LINEAR_8DA4W_G32, EMBEDDING_4W), INT4_TOLERANCE))
+
+
+def _quantize_model_():
+    try:
+        from executorch.extension.llm.export.quantize import quantize_model_
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"ExecuTorch quantization needs {exc.name}: pip install 'sfedge[executorch]'") from None
+    return quantize_model_
+
+
+def _check_groups(module: nn.Module, kind: type, scheme: ComponentScheme, component: str) -> None:
+    group = scheme.group_size or 0
+    for name, child in module.named_modules():
+        if isinstance(child, kind) and group and child.weight.shape[-1] % group:
+            raise UsageError(f"{component}: layer {name} has input width {child.weight.shape[-1]}, not a multiple of "
+                             f"the recipe's {scheme.scheme} group size {group}: choose a recipe with a smaller group")
+
+
+def quantize_component(module: nn.Module, component: str, scheme: ComponentScheme) -> Optional[dict]:
+    """Quantize ``module`` in place per ``scheme`` (before torch.export); returns the manifest's quantization dict."""
+    if scheme.scheme == "fp32":
+        return scheme.to_dict()
+    embedding = component == Component.TOKEN_EMBEDDING.value
+    allowed = EMBEDDING_SCHEMES if embedding else LINEAR_SCHEMES
+    if scheme.scheme not in allowed:
+        raise UsageError(f"{component}: ExecuTorch scheme {scheme.scheme!r} is not supported here; use one of: {', '.join(allowed)}")
+    _check_groups(module, nn.Embedding if embedding else nn.Linear, scheme, component)
+    quantize_model_ = _quantize_model_()
+    with contextlib.redirect_stdout(io.StringIO()):  # quantize_model_ prints its own progress lines
+        if embedding:
+            quantize_model_(module, qembedding_config=scheme.scheme, qembedding_group_size=scheme.group_size or 0)
+        else:
+            quantize_model_(module, qlinear_config=scheme.scheme, qlinear_group_size=scheme.group_size or 0)
+    return scheme.to_dict()

@@ -1,0 +1,154 @@
+"""ONNX quantization recipes (data) and the ONNX Runtime tools that apply them to one file.
+
+Schemes, in ONNX Runtime's vocabulary:
+  fp32   the graph as exported
+  fp16   onnxruntime.transformers.float16 conversion, float32 graph inputs/outputs kept
+  int8   onnxruntime.quantization.quantize_dynamic: int8 weights, activations quantized at run time
+         (MatMul -> DynamicQuantizeLinear + MatMulInteger; Gather -> int8 table + DequantizeLinear)
+  int4   MatMulNBitsQuantizer: 4-bit block-wise weights (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized)
+  q4f16  fp16 conversion, then int4 as above
+Which component gets which scheme is recipe data below; file names carry transformers.js's suffixes.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import List
+
+from sfedge.errors import SfedgeError
+from sfedge.manifest import Component
+from sfedge.quantize.recipes import (
+    FP16_TOLERANCE, FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, register_recipe, uniform,
+)
+
+log = logging.getLogger(__name__)
+
+# transformers.js precision suffixes: decoder_model_merged_q4.onnx etc.
+FILE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4", "q4f16": "_q4f16"}
+# protobuf cannot serialize a message over 2 GiB: weights go to <file>_data above this size
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data, as transformers.js names it
+
+C = Component
+FP32 = ComponentScheme("fp32")
+FP16 = ComponentScheme("fp16", options={"keep_io_types": True})
+INT8_MATMUL = ComponentScheme("int8", options={"ops": ("MatMul",), "weight_type": "int8", "per_channel": False})
+INT8_GATHER = ComponentScheme("int8", options={"ops": ("Gather",), "weight_type": "int8", "per_channel": False})
+INT4_MATMUL = ComponentScheme("int4", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4})
+INT4_GATHER = ComponentScheme("int4", 32, {"ops": ("Gather",), "symmetric": True, "accuracy_level": 4})
+Q4F16_MATMUL = ComponentScheme("q4f16", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4,
+                                             "keep_io_types": True})
+
+register_recipe(Recipe("fp32", "onnx", "float32 graphs as exported (the parity baseline)", uniform(FP32), FP32_TOLERANCE))
+register_recipe(Recipe("fp16", "onnx", "float16 weights and compute, float32 inputs/outputs", uniform(FP16), FP16_TOLERANCE))
+register_recipe(Recipe(
+    "int8", "onnx", "dynamic int8 (MatMulInteger) everywhere; int8 embedding table",
+    uniform(INT8_MATMUL, **{C.TOKEN_EMBEDDING.value: INT8_GATHER}), INT8_TOLERANCE))
+register_recipe(Recipe(
+    "int4", "onnx",
+    "4-bit block-32 weights (MatMulNBits, GatherBlockQuantized) for the memory-bound LLM; dynamic int8 for the "
+    "compute-bound vision encoder and the projector",
+    {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
+     C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT4_MATMUL}, INT4_TOLERANCE))
+register_recipe(Recipe(
+    "q4f16", "onnx", "fp16 graphs with 4-bit MatMulNBits weights in the LLM (transformers.js q4f16, for fp16 devices)",
+    {C.VISION_ENCODER.value: FP16, C.PROJECTOR.value: FP16, C.TOKEN_EMBEDDING.value: FP16,
+     C.TEXT_DECODER.value: Q4F16_MATMUL}, INT4_TOLERANCE))
+
+
+def file_suffix(scheme: ComponentScheme) -> str:
+    if scheme.scheme not in FILE_SUFFIX:
+        raise SfedgeError(f"ONNX scheme {scheme.scheme!r} is unknown; known: {', '.join(FILE_SUFFIX)}")
+    return FILE_SUFFIX[scheme.scheme]
+
+
+def data_file(path: Path) -> Path:
+    return path.with_name(path.name + DATA_SUFFIX)
+
+
+def weight_bytes(proto) -> int:
+    """Bytes of the initializers (in memory or external), without serializing the proto."""
+    from onnx.external_data_helper import uses_external_data
+
+    total = 0
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+        else:
+            total += len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def save_model(proto, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> List[str]:
+    """Write ``proto`` to ``path``; weights go to ``<file>_data`` when they exceed ``threshold`` bytes.
+    A stale data file is deleted first (onnx appends to an existing one). Returns the data file names."""
+    import onnx
+
+    path = Path(path)
+    data = data_file(path)
+    data.unlink(missing_ok=True)
+    if weight_bytes(proto) < threshold:
+        onnx.save_model(proto, str(path))
+        return []
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [data.name]
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _to_fp16(src: Path, scheme: ComponentScheme, work: Path):
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    inferred = work / f"{src.stem}.shapes.onnx"
+    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))  # path-based: works above 2 GB
+    return convert_float_to_float16(_load(inferred), keep_io_types=bool(scheme.options.get("keep_io_types", True)),
+                                    disable_shape_infer=True)
+
+
+def _to_int8(src: Path, scheme: ComponentScheme, work: Path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weight_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    out = work / f"{src.stem}.int8.onnx"
+    quantize_dynamic(str(src), str(out), op_types_to_quantize=list(scheme.options.get("ops", ("MatMul",))),
+                     per_channel=bool(scheme.options.get("per_channel", False)),
+                     weight_type=weight_types[str(scheme.options.get("weight_type", "int8"))],
+                     use_external_data_format=True)
+    return _load(out)
+
+
+def _to_int4(model, scheme: ComponentScheme):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=int(scheme.group_size or 32),
+                                     is_symmetric=bool(scheme.options.get("symmetric", True)),
+                                     accuracy_level=scheme.options.get("accuracy_level"),
+                                     op_types_to_quantize=tuple(scheme.options.get("ops", ("MatMul",))))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_file(src: Path, dst: Path, scheme: ComponentScheme, threshold: int = EXTERNAL_DATA_THRESHOLD) -> List[str]:
+    """Apply one component scheme to the fp32 graph at ``src`` and write ``dst``; returns its data file names."""
+    src, dst = Path(src), Path(dst)
+    file_suffix(scheme)  # unknown scheme names fail here, before any work
+    with tempfile.TemporaryDirectory(prefix="sfedge-onnx-q-", dir=dst.parent) as tmp:
+        work = Path(tmp)
+        if scheme.scheme == "fp32":
+            model = _load(src)
+        elif scheme.scheme == "fp16":
+            model = _to_fp16(src, scheme, work)
+        elif scheme.scheme == "int8":
+            model = _to_int8(src, scheme, work)
+        elif scheme.scheme == "int4":
+            model = _to_int4(str(src), scheme)
+        else:  # q4f16
+            model = _to_int4(_to_fp16(src, scheme, work), scheme)
+        return save_model(model, dst, threshold)

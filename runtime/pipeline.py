@@ -1,0 +1,147 @@
+"""Video + question -> streamed answer, over any session (eager or an artifact folder).
+
+    pipeline = Pipeline.from_folder("out/tiny_executorch_8da4w")   # or Pipeline.from_preset(get_preset("tiny"))
+    for piece in pipeline.stream("clip.mp4", "What happens in the video?"):
+        print(piece, end="", flush=True)
+    print(pipeline.last_stats.summary())
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from sfedge.config import ModelConfig
+from sfedge.errors import SfedgeError
+from sfedge.manifest import TOKENIZER_FILE
+from sfedge.models import WeightsSource
+from sfedge.prompt import tokenize_prompt
+from sfedge.tokenizer import check_special_tokens, load_tokenizer, load_tokenizer_file
+from sfedge.runtime.generate import generate
+from sfedge.runtime.sampling import Sampler, SamplingConfig
+from sfedge.runtime.sessions import SessionOptions, open_session
+from sfedge.runtime.sessions.base import ModelSession
+from sfedge.runtime.stats import RunStats, now_ms, peak_rss_bytes
+from sfedge.runtime.video import load_video, preprocess, resample_to
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    policy: str = "uniform"  # "uniform" (SF-LLaVA v1) or "fps" (the paper's rule)
+    sample_fps: float = 1.0
+    max_frames: Optional[int] = None  # default: the artifact's static frame count, or the preset's
+
+
+class Pipeline:
+    def __init__(self, session: ModelSession, tokenizer, load_ms: float = 0.0):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = session.config
+        self.load_ms = load_ms
+        self.last_stats = RunStats()
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, options: SessionOptions = SessionOptions(), backend: str | None = None) -> "Pipeline":
+        start = now_ms()
+        session = open_session(folder, options, backend)
+        tokenizer = load_tokenizer_file(Path(folder) / TOKENIZER_FILE)
+        check_special_tokens(tokenizer, session.config, f"{Path(folder) / TOKENIZER_FILE}")
+        return cls(session, tokenizer, now_ms() - start)
+
+    @classmethod
+    def from_preset(cls, config: ModelConfig, weights: WeightsSource = WeightsSource(), max_context: Optional[int] = None) -> "Pipeline":
+        from sfedge.models import resolve_config
+        from sfedge.runtime.sessions.eager import EagerSession
+
+        start = now_ms()
+        config = resolve_config(config, weights)
+        session = EagerSession.build(config, weights, max_context)
+        return cls(session, load_tokenizer(config, weights.llm_dir), now_ms() - start)
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def frames_to_sample(self, video: VideoOptions) -> int:
+        return self.session.frames or video.max_frames or self.config.slowfast.frames
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch = self.session.encoder_batch
+        if not batch:
+            return self.session.encode(pixels)
+        outputs = []
+        for begin in range(0, pixels.shape[0], batch):
+            chunk = pixels[begin:begin + batch]
+            real = chunk.shape[0]
+            if real < batch:  # static batch: pad with zeros, drop the padded outputs
+                chunk = torch.cat([chunk, chunk.new_zeros((batch - real, *chunk.shape[1:]))])
+            outputs.append(self.session.encode(chunk)[:real])
+        return torch.cat(outputs)
+
+    def prepare(self, video_path: str | Path, question: str, video: VideoOptions = VideoOptions(),
+                stats: Optional[RunStats] = None) -> torch.Tensor:
+        """Everything before prefill: the spliced prompt embeddings [L, hidden]."""
+        stats = stats or RunStats()
+        frames = self.frames_to_sample(video)
+        start = now_ms()
+        decoded = load_video(video_path, self.config.vision.frame_size, frames, video.policy, video.sample_fps)
+        if self.session.frames:
+            sample = resample_to(decoded.sample, self.session.frames)
+            position = {index: i for i, index in enumerate(decoded.sample.indices)}
+            decoded.frames = decoded.frames[[position[i] for i in sample.indices]]
+            decoded.sample = sample
+        stats.video_decode_ms = now_ms() - start
+        stats.frames = len(decoded.sample.indices)
+
+        start = now_ms()
+        pixels = preprocess(decoded.frames, self.config.vision.pixel_mean, self.config.vision.pixel_std)
+        stats.preprocess_ms = now_ms() - start
+
+        start = now_ms()
+        features = self.encode_frames(pixels)
+        stats.vision_encode_ms = now_ms() - start
+
+        start = now_ms()
+        visual = self.session.project(features)
+        stats.projector_ms = now_ms() - start
+        stats.visual_tokens = visual.shape[0]
+
+        start = now_ms()
+        parts = tokenize_prompt(self.tokenizer, question, self.config.prompt_template)
+        stats.token_encode_end_ms = now_ms()
+        before = self.session.embed(torch.tensor(parts.before, dtype=torch.long))
+        after = self.session.embed(torch.tensor(parts.after, dtype=torch.long))
+        stats.embed_ms = now_ms() - start
+        embeds = torch.cat([before, visual.to(before.dtype), after])
+        if embeds.shape[0] >= self.session.max_context:
+            raise SfedgeError(
+                f"{video_path}: the prompt needs {embeds.shape[0]} tokens ({stats.visual_tokens} visual + "
+                f"{parts.text_tokens} text) but the context holds {self.session.max_context}; use fewer frames "
+                f"(--frames), a lighter --slowfast spec, or export with a larger --max-context")
+        return embeds
+
+    def stream(self, video_path: str | Path, question: str, max_new_tokens: int = 64,
+               sampling: SamplingConfig = SamplingConfig(), video: VideoOptions = VideoOptions()) -> Iterator[str]:
+        """Yield answer text as it is generated; timings land in ``self.last_stats``."""
+        stats = RunStats(model_load_end_ms=self.load_ms)
+        self.last_stats = stats
+        stats.inference_start_ms = now_ms()
+        embeds = self.prepare(video_path, question, video, stats)
+        tokens: list[int] = []
+        emitted = ""
+        for token in generate(self.session, embeds, Sampler(sampling), max_new_tokens, self.config.llm.eos_ids, stats):
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            yield text[len(emitted):]
+            emitted = text
+        # make timestamps relative to the start, as ExecuTorch's observer reports them
+        origin = stats.inference_start_ms
+        for name in ("token_encode_end_ms", "prompt_eval_end_ms", "first_token_ms", "inference_end_ms"):
+            setattr(stats, name, max(getattr(stats, name) - origin, 0.0))
+        stats.inference_start_ms = 0.0
+        stats.peak_rss_bytes = peak_rss_bytes()
+
+    def answer(self, video_path: str | Path, question: str, **kwargs) -> str:
+        return "".join(self.stream(video_path, question, **kwargs))

@@ -1,0 +1,59 @@
+"""Argument groups shared by several subcommands; defaults come from the dataclasses only."""
+from __future__ import annotations
+
+import argparse
+
+from sfedge.config import PRESETS, ModelConfig, get_preset
+from sfedge.errors import UsageError
+from sfedge.models import WeightsSource
+from sfedge.runtime.sampling import SamplingConfig
+from sfedge.runtime.video import SAMPLING
+
+_WEIGHTS = WeightsSource()
+_SAMPLING = SamplingConfig()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=model_required, metavar="PRESET",
+                       help=f"model preset: {', '.join(PRESETS)}")
+    group.add_argument("--frames", type=int, help="frames sampled per video (default: the preset's)")
+    group.add_argument("--slowfast", metavar="SPEC",
+                       help="SF-LLaVA spec, e.g. slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4")
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("weights (components without a checkpoint get seeded random weights)")
+    group.add_argument("--weights", choices=["random"], default="random",
+                       help="random: seeded random weights of the true shapes (latency and memory are real)")
+    group.add_argument("--seed", type=int, default=_WEIGHTS.seed, help="seed of the random weights")
+    group.add_argument("--llm", metavar="DIR", help="Hugging Face Qwen2.5 folder (config.json + safetensors)")
+    group.add_argument("--vision", metavar="PATH", help="Oryx-ViT / SigLIP safetensors file or folder")
+    group.add_argument("--projector", metavar="FILE", help="projector (mm_projector) safetensors file")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    config = get_preset(args.model)
+    if args.frames is not None and args.frames < 1:
+        raise UsageError(f"--frames must be >= 1, got {args.frames}")
+    return config.with_slowfast(args.frames, args.slowfast)
+
+
+def weights_source(args: argparse.Namespace) -> WeightsSource:
+    return WeightsSource(seed=args.seed, llm_dir=args.llm, vision_path=args.vision, projector_path=args.projector)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=64)
+    group.add_argument("--temperature", type=float, default=_SAMPLING.temperature, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=_SAMPLING.top_p)
+    group.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler (with --temperature > 0)")
+    group = parser.add_argument_group("video")
+    group.add_argument("--sampling", choices=SAMPLING.names(), default="uniform",
+                       help="frame sampling: uniform (SF-LLaVA v1) or fps (the paper's rule, uniform past the cap)")
+    group.add_argument("--sample-fps", type=float, default=1.0, help="frames per second for --sampling fps")
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(args.temperature, args.top_p, args.sample_seed).validate()
