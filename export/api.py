@@ -29,6 +29,7 @@ class ExportOptions:
     encoder_batch: int = 1  # frames per vision-encoder call (static)
     overwrite: bool = False
     show_progress: bool = True
+    coreml_target: str = "iOS18"  # Core ML minimum deployment target of the stateless packages (the LLM is always iOS18)
 
 
 Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]

@@ -1,0 +1,151 @@
+"""``--backend coreml``: three static-shape .mlpackage files converted with coremltools.
+
+- ``vision_encoder.mlpackage``: pixels [encoder_batch, 3, S, S] -> features [encoder_batch, P, C].
+- ``projector.mlpackage``: features [frames, P, C] -> visual embeddings [visual tokens, H].
+- ``llm.mlpackage``: ONE multifunction model (iOS18) with weights stored once:
+  ``embed`` (token ids [1, prefill_chunk] -> embeddings), ``prefill`` (embeddings [1, prefill_chunk, H],
+  input_pos, last_index -> logits [1, V]) and ``decode`` (one token). ``prefill`` and ``decode`` share
+  the KV cache as Core ML states (one fp16 k and v state per layer, see export/coreml_llm.py).
+
+The token embedding lives in the LLM package (function ``embed``) rather than in its own package:
+Qwen2.5 ties it to lm_head, and ``save_multifunction`` deduplicates identical weights across
+functions, so the 151,936 x H table is stored once (a separate package would store it twice).
+Compression (quantize/coreml.py) is applied to each converted function before the merge, so the
+stored weights are exactly what the recipe says; the manifest records what was applied.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List
+
+from sfedge.export.api import EXPORTERS, ExportOptions
+from sfedge.export.common import Progress, artifact_entry
+from sfedge.export.coreml_convert import Port, convert, export_program, load_spec, save_multifunction
+from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
+from sfedge.manifest import ArtifactEntry, Component, TensorSpec
+from sfedge.models import SFLlava
+from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, target_rank
+from sfedge.quantize.recipes import Recipe
+
+VISION_FILE, PROJECTOR_FILE, LLM_FILE = "vision_encoder.mlpackage", "projector.mlpackage", "llm.mlpackage"
+FN_EMBED, FN_PREFILL, FN_DECODE = "embed", "prefill", "decode"
+
+
+def component_targets(options: ExportOptions) -> dict:
+    """Deployment target per component: stateless packages take --coreml-target, the LLM needs iOS18."""
+    target_rank(options.coreml_target)  # unknown names fail here, with the known ones listed
+    return {Component.VISION_ENCODER.value: options.coreml_target, Component.PROJECTOR.value: options.coreml_target,
+            Component.TOKEN_EMBEDDING.value: STATEFUL_TARGET, Component.TEXT_DECODER.value: STATEFUL_TARGET}
+
+
+def _convert_one(module, inputs: List[Port], outputs: List[Port], target: str, scheme, op_types: tuple, path: Path,
+                 progress: Progress, label: str) -> dict:
+    with progress.stage(label, "trace"):
+        program = export_program(module, inputs)
+    with progress.stage(label, "lower"):
+        mlmodel = convert(program, inputs, outputs, target)
+    with progress.stage(label, "quantize"):
+        mlmodel, applied = compress(mlmodel, scheme, op_types)
+    with progress.stage(label, "serialize"):
+        mlmodel.save(str(path))
+    return applied
+
+
+def _static_entry(out: Path, component: str, file: str, inputs, outputs, applied: dict, target: str) -> ArtifactEntry:
+    return artifact_entry(out, component, file, [p.spec() for p in inputs], [p.spec() for p in outputs], applied,
+                          deployment_target=target, compute_precision="float16")
+
+
+def export_vision(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress, target: str):
+    vision = model.config.vision
+    component = Component.VISION_ENCODER.value
+    inputs = [Port("pixels", (options.encoder_batch, 3, vision.frame_size, vision.frame_size), "float16")]
+    outputs = [Port("features", (options.encoder_batch, vision.patches_per_frame, vision.width), "float16")]
+    applied = _convert_one(model.vision_encoder, inputs, outputs, target, recipe.scheme(component), ("linear", "conv"),
+                           out / VISION_FILE, progress, component)
+    return _static_entry(out, component, VISION_FILE, inputs, outputs, applied, target)
+
+
+def export_projector(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress, target: str):
+    config = model.config
+    component = Component.PROJECTOR.value
+    frames = config.slowfast.frames
+    inputs = [Port("features", (frames, config.vision.patches_per_frame, config.vision.width), "float16")]
+    outputs = [Port("visual_embeds", (model.projector.visual_tokens(frames), config.llm.hidden), "float16")]
+    applied = _convert_one(model.projector, inputs, outputs, target, recipe.scheme(component), ("linear",),
+                           out / PROJECTOR_FILE, progress, component)
+    return _static_entry(out, component, PROJECTOR_FILE, inputs, outputs, applied, target)
+
+
+def llm_ports(hidden: int, vocab: int, chunk: int) -> dict:
+    """function -> (inputs, outputs); the runtime reads the same names back from the manifest."""
+    step_out = [Port("logits", (1, vocab), "float16")]
+
+    def step(tokens: int):
+        return [Port("inputs_embeds", (1, tokens, hidden), "float16"), Port("input_pos", (1,), "int32"),
+                Port("last_index", (1,), "int32")], step_out
+
+    return {FN_EMBED: ([Port("token_ids", (1, chunk), "int32")], [Port("embeds", (1, chunk, hidden), "float16")]),
+            FN_PREFILL: step(chunk), FN_DECODE: step(1)}
+
+
+def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
+    llm = model.config.llm
+    decoder = model.text_decoder
+    use_masked_cache(decoder)
+    ports = llm_ports(llm.hidden, llm.vocab_size, options.prefill_chunk)
+    modules = {FN_EMBED: EmbedStep(model.token_embedding), FN_PREFILL: DecoderStep(decoder), FN_DECODE: DecoderStep(decoder)}
+    schemes = {FN_EMBED: recipe.scheme(Component.TOKEN_EMBEDDING), FN_PREFILL: recipe.scheme(Component.TEXT_DECODER),
+               FN_DECODE: recipe.scheme(Component.TEXT_DECODER)}
+    op_types = {FN_EMBED: ("gather",), FN_PREFILL: ("linear",), FN_DECODE: ("linear",)}  # not the RoPE gathers
+    applied = {}
+    parts_dir = Path(tempfile.mkdtemp(prefix="functions-", dir=out))
+    try:
+        parts = {}
+        for function, module in modules.items():
+            parts[function] = parts_dir / f"{function}.mlpackage"
+            applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function], op_types[function],
+                                             parts[function], progress, f"llm.{function}")
+        with progress.stage("llm", "serialize"):
+            save_multifunction(parts, FN_DECODE, out / LLM_FILE)
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    states = _states(out / LLM_FILE)
+    functions = {name: {"inputs": [p.spec() for p in ins], "outputs": [p.spec() for p in outs]}
+                 for name, (ins, outs) in ports.items()}
+    common = dict(deployment_target=STATEFUL_TARGET, compute_precision="float16", functions=functions)
+    embed_in, embed_out = ports[FN_EMBED]
+    prefill_in, prefill_out = ports[FN_PREFILL]
+    return [
+        artifact_entry(out, Component.TOKEN_EMBEDDING.value, LLM_FILE, [p.spec() for p in embed_in],
+                       [p.spec() for p in embed_out], applied[FN_EMBED], method=FN_EMBED, **common),
+        artifact_entry(out, Component.TEXT_DECODER.value, LLM_FILE, [p.spec() for p in prefill_in],
+                       [p.spec() for p in prefill_out], applied[FN_PREFILL], method=FN_PREFILL,
+                       states=states, prefill_chunk=options.prefill_chunk, decode_function=FN_DECODE, **common),
+    ]
+
+
+def _states(path: Path) -> List[dict]:
+    """The KV-cache states the saved package declares (from its decode function)."""
+    spec = load_spec(path)
+    for function in spec.description.functions:
+        if function.name == FN_DECODE:
+            return [{"name": s.name, "shape": list(s.type.stateType.arrayType.shape), "dtype": "float16"}
+                    for s in function.state]
+    return []
+
+
+def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
+    targets = component_targets(options)
+    check_target(recipe, targets)
+    return [
+        export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]),
+        export_projector(model, options, recipe, out, progress, targets[Component.PROJECTOR.value]),
+        *export_llm(model, options, recipe, out, progress),
+    ]
+
+
+EXPORTERS.add("coreml", export_coreml)
+__all__ = ["export_coreml", "component_targets", "llm_ports", "TensorSpec"]

@@ -1,0 +1,137 @@
+"""torch module -> Core ML mlprogram through torch.export (the only route that converts sfedge's
+stateful LLM with coremltools 9.0), plus reading back what a saved package declares."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sfedge.errors import UsageError
+from sfedge.manifest import TensorSpec
+
+
+def coremltools():
+    """Import coremltools quietly (it logs which native proxies it cannot load on Linux)."""
+    try:
+        with _quiet():
+            import coremltools as ct
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"the Core ML exporter needs {exc.name}: pip install 'sfedge[coreml]'") from None
+    return ct
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [logging.getLogger(name) for name in ("coremltools", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Port:
+    """A named input or output with a static shape; float ports are fp16 at the package boundary."""
+
+    name: str
+    shape: tuple
+    dtype: str  # "float16" | "int32"
+
+    def example(self) -> torch.Tensor:
+        if self.dtype == "int32":
+            return torch.zeros(self.shape, dtype=torch.int32)
+        return torch.randn(self.shape, dtype=torch.float32)
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, list(self.shape), self.dtype)
+
+
+def strip_aliases(program: torch.export.ExportedProgram) -> int:
+    """coremltools 9.0 has no translation for ``aten.alias``; it is a no-op, so drop it."""
+    graph = program.graph
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (torch.ops.aten.alias.default, torch.ops.aten.alias_copy.default):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph.eliminate_dead_code()
+        program.graph_module.recompile()
+    return removed
+
+
+def export_program(module: torch.nn.Module, inputs: Sequence[Port]) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), tuple(p.example() for p in inputs), strict=False)
+        program = program.run_decompositions({})
+    strip_aliases(program)
+    return program
+
+
+def convert(program: torch.export.ExportedProgram, inputs: Sequence[Port], outputs: Sequence[Port], target: str):
+    """ExportedProgram -> MLModel (mlprogram, fp16 compute, static shapes). Mutable buffers become fp16 states."""
+    ct = coremltools()
+    dtypes = {"float16": np.float16, "int32": np.int32}
+    with _quiet():
+        return ct.convert(
+            program,
+            inputs=[ct.TensorType(name=p.name, shape=p.shape, dtype=dtypes[p.dtype]) for p in inputs],
+            outputs=[ct.TensorType(name=p.name, dtype=dtypes[p.dtype]) for p in outputs],
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16,
+            convert_to="mlprogram",
+            skip_model_load=True,  # Linux cannot load a Core ML model; macOS loads it on first use
+        )
+
+
+def save_multifunction(parts: dict, default: str, destination: Path) -> None:
+    """``parts``: function name -> saved single-function .mlpackage. Identical weights are stored once."""
+    ct = coremltools()
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for function, path in parts.items():
+        descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
+    descriptor.default_function_name = default
+    with _quiet():
+        ct.utils.save_multifunction(descriptor, str(destination))
+
+
+def load_spec(path: Path):
+    """The protobuf spec of a saved package (no Core ML runtime needed)."""
+    ct = coremltools()
+    with _quiet():
+        return ct.utils.load_spec(str(path))
+
+
+def mil_op_types(path: Path, function: str | None = None) -> dict:
+    """op type -> count over a saved package's MIL program (all functions, or one)."""
+    from collections import Counter
+
+    spec = load_spec(path)
+    counts: Counter = Counter()
+    for name, func in spec.mlProgram.functions.items():
+        if function and name != function:
+            continue
+        for block in func.block_specializations.values():
+            _count_ops(block, counts)
+    return dict(counts)
+
+
+def _count_ops(block, counts) -> None:
+    for op in block.operations:
+        counts[op.type] += 1
+        for inner in op.blocks:
+            _count_ops(inner, counts)
