@@ -12,7 +12,6 @@ Which component gets which scheme is recipe data below; file names carry transfo
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import List
 
@@ -105,11 +104,14 @@ def _load(path: Path):
 def _to_fp16(src: Path, scheme: ComponentScheme, work: Path):
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     inferred = work / f"{src.stem}.shapes.onnx"
     onnx.shape_inference.infer_shapes_path(str(src), str(inferred))  # path-based: works above 2 GB
-    return convert_float_to_float16(_load(inferred), keep_io_types=bool(scheme.options.get("keep_io_types", True)),
-                                    disable_shape_infer=True)
+    model = convert_float_to_float16(_load(inferred), keep_io_types=bool(scheme.options.get("keep_io_types", True)),
+                                     disable_shape_infer=True)
+    OnnxModel(model).topological_sort()  # the io Casts are appended last; onnx.checker wants nodes in order
+    return model
 
 
 def _to_int8(src: Path, scheme: ComponentScheme, work: Path):
@@ -135,20 +137,17 @@ def _to_int4(model, scheme: ComponentScheme):
     return quantizer.model.model
 
 
-def quantize_file(src: Path, dst: Path, scheme: ComponentScheme, threshold: int = EXTERNAL_DATA_THRESHOLD) -> List[str]:
-    """Apply one component scheme to the fp32 graph at ``src`` and write ``dst``; returns its data file names."""
-    src, dst = Path(src), Path(dst)
+def quantize_model(src: Path, scheme: ComponentScheme, work: Path):
+    """Apply one component scheme to the fp32 graph at ``src``; returns the new ModelProto.
+    ``work`` is a scratch folder for the tools that only take paths."""
+    src, work = Path(src), Path(work)
     file_suffix(scheme)  # unknown scheme names fail here, before any work
-    with tempfile.TemporaryDirectory(prefix="sfedge-onnx-q-", dir=dst.parent) as tmp:
-        work = Path(tmp)
-        if scheme.scheme == "fp32":
-            model = _load(src)
-        elif scheme.scheme == "fp16":
-            model = _to_fp16(src, scheme, work)
-        elif scheme.scheme == "int8":
-            model = _to_int8(src, scheme, work)
-        elif scheme.scheme == "int4":
-            model = _to_int4(str(src), scheme)
-        else:  # q4f16
-            model = _to_int4(_to_fp16(src, scheme, work), scheme)
-        return save_model(model, dst, threshold)
+    if scheme.scheme == "fp32":
+        return _load(src)
+    if scheme.scheme == "fp16":
+        return _to_fp16(src, scheme, work)
+    if scheme.scheme == "int8":
+        return _to_int8(src, scheme, work)
+    if scheme.scheme == "int4":
+        return _to_int4(str(src), scheme)
+    return _to_int4(_to_fp16(src, scheme, work), scheme)  # q4f16

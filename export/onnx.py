@@ -1,0 +1,163 @@
+"""`--backend onnx`: four ONNX graphs named as transformers.js names a VLM's files.
+
+    vision_encoder{sfx}.onnx        pixel_values [batch, 3, S, S] -> image_features [batch, P, C]
+    projector{sfx}.onnx             image_features [frames, P, C] -> visual_embeds [V, H]   (frames static)
+    embed_tokens{sfx}.onnx          input_ids [1, T] -> inputs_embeds [1, T, H]
+    decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values)
+
+Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32),
+then the recipe's scheme for it is applied with ONNX Runtime's tools (sfedge.quantize.onnx) and the
+result is written with a precision suffix (``_fp16``, ``_quantized``, ``_q4``, ``_q4f16``); weights
+go to ``<file>_data`` when a file would pass 2 GB.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from sfedge.errors import SfedgeError
+from sfedge.export import onnx_decoder
+from sfedge.export.api import EXPORTERS, ExportOptions
+from sfedge.export.common import Progress, artifact_entry
+from sfedge.manifest import ArtifactEntry, Component, TensorSpec
+from sfedge.models import SFLlava
+from sfedge.quantize import onnx as onnx_quant
+from sfedge.quantize.recipes import Recipe
+
+FILE_STEMS = {Component.VISION_ENCODER: "vision_encoder", Component.PROJECTOR: "projector",
+              Component.TOKEN_EMBEDDING: "embed_tokens", Component.TEXT_DECODER: "decoder_model_merged"}
+WORK_DIR = ".onnx-work"
+
+
+@dataclass
+class Traceable:
+    """One component, ready for torch.onnx.export."""
+
+    component: Component
+    module: nn.Module
+    args: tuple
+    input_names: List[str]
+    output_names: List[str]
+    dynamic_shapes: object
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def _require_onnx_stack() -> None:
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            raise SfedgeError(f"--backend onnx needs {module}, which is not installed: pip install 'sfedge[onnx]'") from None
+
+
+def _f32(name: str, shape: Sequence) -> TensorSpec:
+    return TensorSpec(name, list(shape), "float32")
+
+
+def _vision(model: SFLlava, options: ExportOptions) -> Traceable:
+    vision = model.config.vision
+    batch = max(2, options.encoder_batch)  # a traced size > 1 keeps the batch dimension dynamic
+    pixels = torch.zeros(batch, 3, vision.frame_size, vision.frame_size)
+    return Traceable(
+        Component.VISION_ENCODER, model.vision_encoder, (pixels,), ["pixel_values"], ["image_features"],
+        {"pixels": {0: "batch_size"}},
+        [_f32("pixel_values", ["batch_size", 3, vision.frame_size, vision.frame_size])],
+        [_f32("image_features", ["batch_size", vision.patches_per_frame, vision.width])],
+        {"batch": "dynamic", "encoder_batch": options.encoder_batch})
+
+
+def _projector(model: SFLlava) -> Traceable:
+    config = model.config
+    frames, patches, width = config.slowfast.frames, config.vision.patches_per_frame, config.vision.width
+    tokens = model.projector.visual_tokens(frames)
+    return Traceable(
+        Component.PROJECTOR, model.projector, (torch.zeros(frames, patches, width),), ["image_features"],
+        ["visual_embeds"], None,
+        [_f32("image_features", [frames, patches, width])], [_f32("visual_embeds", [tokens, config.llm.hidden])],
+        {"frames": frames, "slowfast": config.slowfast.spec})
+
+
+def _embedding(model: SFLlava) -> Traceable:
+    hidden = model.config.llm.hidden
+    return Traceable(
+        Component.TOKEN_EMBEDDING, model.token_embedding, (torch.zeros(1, 3, dtype=torch.long),), ["input_ids"],
+        ["inputs_embeds"], {"token_ids": {1: "sequence_length"}},
+        [TensorSpec("input_ids", [1, "sequence_length"], "int64")], [_f32("inputs_embeds", [1, "sequence_length", hidden])])
+
+
+def _decoder(model: SFLlava, wrapper: nn.Module) -> Traceable:
+    llm = model.config.llm
+    past, present = onnx_decoder.past_names(llm.layers), onnx_decoder.present_names(llm.layers)
+    kv_past = [1, llm.kv_heads, "past_sequence_length", llm.head_dim]
+    kv_total = [1, llm.kv_heads, "total_sequence_length", llm.head_dim]
+    return Traceable(
+        Component.TEXT_DECODER, wrapper, onnx_decoder.example_inputs(model.text_decoder),
+        [*onnx_decoder.INPUT_NAMES, *past], [onnx_decoder.LOGITS, *present], onnx_decoder.dynamic_shapes(llm.layers),
+        [_f32("inputs_embeds", [1, "sequence_length", llm.hidden]),
+         TensorSpec("attention_mask", [1, "total_sequence_length"], "int64"),
+         TensorSpec("position_ids", [1, "sequence_length"], "int64"), *[_f32(name, kv_past) for name in past]],
+        [_f32(onnx_decoder.LOGITS, [1, 1, llm.vocab_size]), *[_f32(name, kv_total) for name in present]],
+        {"past_inputs": past, "present_outputs": present, "kv_layout": "[batch, kv_heads, sequence, head_dim]",
+         "logits": "last position only", "rope_positions": model.text_decoder.max_seq_len})
+
+
+def _trace(item: Traceable, path: Path) -> None:
+    """torch.onnx.export (dynamo) into the scratch folder, weights always external there."""
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # re-saving appends to an existing data file
+    program = torch.onnx.export(
+        item.module, item.args, dynamo=True, input_names=item.input_names, output_names=item.output_names,
+        dynamic_shapes=item.dynamic_shapes, optimize=True, verbose=False)
+    program.save(str(path), external_data=True)
+
+
+def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
+    """Trace all four components to fp32 graphs, then apply the recipe per component.
+
+    The exporter owns ``model``: once every graph is traced its weights are dropped (moved to the meta
+    device) so quantizing a large decoder does not hold the PyTorch copy as well.
+    """
+    _require_onnx_stack()
+    out = Path(out)
+    work = out / WORK_DIR
+    work.mkdir()
+    traced: List[Traceable] = []
+    try:
+        with torch.no_grad():
+            for item in (_vision(model, options), _projector(model), _embedding(model)):
+                with progress.stage(item.component.value, "trace"):
+                    _trace(item, work / f"{FILE_STEMS[item.component]}.onnx")
+                traced.append(item)
+            with onnx_decoder.past_present_attention(model.text_decoder) as wrapper:
+                item = _decoder(model, wrapper)
+                with progress.stage(item.component.value, "trace"):
+                    _trace(item, work / f"{FILE_STEMS[item.component]}.onnx")
+                traced.append(item)
+        model.to("meta")
+        return [_finish(item, recipe, out, work, progress) for item in traced]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress) -> ArtifactEntry:
+    component = item.component.value
+    scheme = recipe.scheme(item.component)
+    stem = FILE_STEMS[item.component]
+    file = f"{stem}{onnx_quant.file_suffix(scheme)}.onnx"
+    with progress.stage(component, "quantize"):
+        proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work)
+    with progress.stage(component, "serialize"):
+        data_files = onnx_quant.save_model(proto, out / file)
+    del proto
+    return artifact_entry(out, component, file, item.inputs, item.outputs, scheme.to_dict(),
+                          data_files=data_files, **item.extra)
+
+
+EXPORTERS.add("onnx", export_onnx)

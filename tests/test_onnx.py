@@ -1,0 +1,197 @@
+"""ONNX backend: every recipe exported once (tiny preset), checked as files, in plain ONNX Runtime,
+against the eager model (run_parity with the recipe's tolerance) and through OnnxRuntimeSession."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+
+from sfedge.config import get_preset  # noqa: E402
+from sfedge.errors import SfedgeError  # noqa: E402
+from sfedge.export.api import ExportOptions, export_model  # noqa: E402
+from sfedge.manifest import Component, read_manifest  # noqa: E402
+from sfedge.models import WeightsSource  # noqa: E402
+from sfedge.quantize import onnx as onnx_quant  # noqa: E402
+from sfedge.quantize.recipes import recipe_names  # noqa: E402
+from sfedge.runtime.generate import prefill  # noqa: E402
+from sfedge.runtime.parity import run_parity  # noqa: E402
+from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
+
+RECIPES = ["fp32", "fp16", "int8", "int4", "q4f16"]
+MAX_CONTEXT, CHUNK = 128, 32
+STEMS = {"vision_encoder": "vision_encoder", "projector": "projector", "token_embedding": "embed_tokens",
+         "text_decoder": "decoder_model_merged"}
+# op that proves a scheme was applied, per scheme
+SCHEME_OPS = {"int8": {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"},
+              "int4": {"MatMulNBits", "GatherBlockQuantized"}, "q4f16": {"MatMulNBits"}}
+
+
+def test_every_registered_recipe_is_tested():
+    assert sorted(recipe_names("onnx")) == sorted(RECIPES)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    folders: dict = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in folders:
+            options = ExportOptions(backend="onnx", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
+                                    show_progress=False)
+            export_model(get_preset("tiny"), WeightsSource(seed=0), options, root / f"tiny_onnx_{recipe}")
+            folders[recipe] = root / f"tiny_onnx_{recipe}"
+        return folders[recipe]
+
+    return get
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _plain_feeds(session, manifest, tokens: int, past: int = 0) -> dict:
+    llm = manifest.model_config["llm"]
+    rng = np.random.default_rng(0)
+    feeds = {"inputs_embeds": rng.standard_normal((1, tokens, llm["hidden"])).astype(np.float32),
+             "attention_mask": np.ones((1, past + tokens), dtype=np.int64),
+             "position_ids": np.arange(past, past + tokens, dtype=np.int64)[None]}
+    for name in manifest.component("text_decoder").extra["past_inputs"]:
+        feeds[name] = np.zeros((1, llm["kv_heads"], past, llm["head_dim"]), dtype=np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_files_are_valid_and_run_in_plain_onnxruntime(export_dir, recipe):
+    folder = export_dir(recipe)
+    manifest = read_manifest(folder)
+    assert manifest.backend == "onnx" and manifest.recipe == recipe
+    assert not (folder / ".onnx-work").exists()
+    suffix = onnx_quant.FILE_SUFFIX
+    for entry in manifest.components:
+        path = folder / entry.file
+        assert entry.file == f"{STEMS[entry.component]}{suffix[entry.quantization['scheme']]}.onnx"
+        onnx.checker.check_model(str(path))  # path-based: also follows external data
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == [t.name for t in entry.inputs]
+        assert [o.name for o in session.get_outputs()] == [t.name for t in entry.outputs]
+    decoder = ort.InferenceSession(str(folder / manifest.component("text_decoder").file), providers=["CPUExecutionProvider"])
+    llm = manifest.model_config["llm"]
+    # one graph: prefill with an empty past, then a decode step on the presents
+    outputs = decoder.run(None, _plain_feeds(decoder, manifest, tokens=5))
+    assert outputs[0].shape == (1, 1, llm["vocab_size"])
+    assert outputs[1].shape == (1, llm["kv_heads"], 5, llm["head_dim"])
+    feeds = _plain_feeds(decoder, manifest, tokens=1, past=5)
+    feeds.update(zip(manifest.component("text_decoder").extra["past_inputs"], outputs[1:]))
+    step = decoder.run(None, feeds)
+    assert step[1].shape == (1, llm["kv_heads"], 6, llm["head_dim"]) and np.isfinite(step[0]).all()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
+    report = run_parity(export_dir(recipe), steps=16)
+    assert report.passed, report.table()
+    if recipe == "fp32":
+        assert all(row.max_abs <= 1e-4 for row in report.rows), report.table()
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4", "q4f16", "fp16"])
+def test_quantization_is_applied(export_dir, recipe):
+    folder, baseline = export_dir(recipe), export_dir("fp32")
+    manifest, reference = read_manifest(folder), read_manifest(baseline)
+    for entry in manifest.components:
+        scheme = entry.quantization["scheme"]
+        if scheme == "fp32":
+            continue
+        assert entry.bytes < reference.component(entry.component).bytes, entry.file
+        ops = _ops(folder / entry.file)
+        if scheme == "fp16":
+            weights = onnx.load(str(folder / entry.file)).graph.initializer
+            assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights), entry.file
+        else:
+            assert ops.keys() & SCHEME_OPS[scheme], (entry.file, ops)
+    decoder_ops = _ops(folder / manifest.component("text_decoder").file)
+    expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "q4f16": "MatMulNBits", "fp16": "MatMul"}[recipe]
+    assert decoder_ops[expected] >= 7 * 2, decoder_ops  # q, k, v, o, gate, up, down per layer
+
+
+def test_int4_embedding_is_block_quantized(export_dir):
+    manifest = read_manifest(export_dir("int4"))
+    entry = manifest.component("token_embedding")
+    assert entry.file == "embed_tokens_q4.onnx" and entry.quantization["group_size"] == 32
+    assert _ops(export_dir("int4") / entry.file)["GatherBlockQuantized"] == 1
+
+
+def test_prompt_longer_than_one_chunk_and_rewind(export_dir):
+    folder = export_dir("fp32")
+    session = open_session(folder, SessionOptions(threads=1))
+    eager = open_session(folder, backend="eager")
+    assert session.max_prefill_chunk == CHUNK and session.max_context == MAX_CONTEXT
+    ids = torch.randint(0, session.config.llm.vocab_size, (CHUNK * 2 + 17,))
+    embeds = eager.embed(ids)
+    got, ref = prefill(session, embeds), prefill(eager, embeds)
+    assert (got - ref).abs().max().item() <= 1e-4
+    step = eager.embed(ids[:1])
+    position = embeds.shape[0]
+    for _ in range(3):
+        got, ref = session.decode(step, position), eager.decode(step, position)
+        assert (got - ref).abs().max().item() <= 1e-4
+        position += 1
+    # an earlier start position truncates the cache: same logits as the first decode step
+    eager.reset()
+    prefill(eager, embeds)
+    assert (session.decode(step, embeds.shape[0]) - eager.decode(step, embeds.shape[0])).abs().max().item() <= 1e-4
+    with pytest.raises(SfedgeError, match="contiguous"):
+        session.decode(step, embeds.shape[0] + 5)
+    with pytest.raises(SfedgeError, match="prefill-chunk"):
+        session.decode(embeds[: CHUNK + 1], 0)
+    with pytest.raises(SfedgeError, match="max-context"):
+        session.decode(step, MAX_CONTEXT)
+
+
+def test_session_options_and_projector_frames(export_dir):
+    folder = export_dir("fp32")
+    with pytest.raises(SfedgeError, match="not available"):
+        open_session(folder, SessionOptions(provider="NoSuchExecutionProvider"))
+    session = open_session(folder, SessionOptions(threads=1))
+    vision = session.graphs[Component.VISION_ENCODER.value].session
+    assert vision.get_providers() == ["CPUExecutionProvider"]
+    assert vision.get_session_options().intra_op_num_threads == 1
+    config = session.config
+    features = torch.zeros(session.frames + 1, config.vision.patches_per_frame, config.vision.width)
+    with pytest.raises(SfedgeError, match="frames"):
+        session.project(features)
+    # the vision graph's batch is dynamic: 3 frames in one call
+    assert session.encode(torch.zeros(3, 3, config.vision.frame_size, config.vision.frame_size)).shape[0] == 3
+
+
+def test_external_data_is_rewritten_not_appended(export_dir, tmp_path):
+    source = export_dir("fp32") / "decoder_model_merged.onnx"
+    target = tmp_path / "decoder_model_merged.onnx"
+    proto = onnx.load(str(source))
+    assert onnx_quant.save_model(proto, target, threshold=0) == ["decoder_model_merged.onnx_data"]
+    data = tmp_path / "decoder_model_merged.onnx_data"
+    size = data.stat().st_size
+    assert size > target.stat().st_size
+    onnx_quant.save_model(onnx.load(str(source)), target, threshold=0)  # a second save must not grow the data file
+    assert data.stat().st_size == size
+    onnx.checker.check_model(str(target))
+    manifest = read_manifest(export_dir("fp32"))
+    inline = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    external = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    feeds = _plain_feeds(inline, manifest, tokens=4)
+    np.testing.assert_array_equal(inline.run(None, feeds)[0], external.run(None, feeds)[0])
+    assert onnx_quant.save_model(onnx.load(str(source)), target) == [] and not data.exists()  # small again: inline
+
+
+def test_unknown_scheme_is_refused():
+    from sfedge.quantize.recipes import ComponentScheme
+
+    with pytest.raises(SfedgeError, match="known: fp32"):
+        onnx_quant.file_suffix(ComponentScheme("int3"))
