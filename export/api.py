@@ -88,6 +88,11 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
     max_context = options.max_context or default_max_context(config, text_tokens)
     if max_context > config.llm.max_context:
         raise UsageError(f"--max-context {max_context} exceeds model {config.name}'s context of {config.llm.max_context}")
+    prompt_tokens = compute_budget(config, text_tokens).prompt_tokens
+    if max_context <= prompt_tokens:
+        raise UsageError(
+            f"--max-context {max_context} cannot hold the {prompt_tokens}-token prompt of {config.slowfast.frames} frames "
+            f"({config.slowfast.spec}); pass --max-context above {prompt_tokens} or fewer --frames")
     if options.prefill_chunk < 1 or options.prefill_chunk >= max_context:
         raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
     options = ExportOptions(**{**asdict(options), "max_context": max_context})
