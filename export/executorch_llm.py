@@ -53,13 +53,3 @@ def use_custom_ops(decoder: TextDecoder) -> int:
             swapped += 1
     return swapped
 
-
-class EmbeddingMethod(nn.Module):
-    """``token_embedding(ids[1, T]) -> [1, T, hidden]``."""
-
-    def __init__(self, embedding: nn.Module):
-        super().__init__()
-        self.embedding = embedding
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(token_ids)

@@ -21,7 +21,7 @@ from torch import nn
 from sfedge.errors import UsageError
 from sfedge.manifest import Component
 from sfedge.quantize.recipes import (
-    FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, ComponentScheme, Recipe, register_recipe, uniform,
+    FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, SIMULATORS, ComponentScheme, Recipe, register_recipe, uniform,
 )
 from sfedge.registry import Registry
 
@@ -112,3 +112,12 @@ def quantize_component(module: nn.Module, component: str, scheme: ComponentSchem
         else:
             quantize_model_(module, qlinear_config=scheme.scheme, qlinear_group_size=scheme.group_size or 0)
     return scheme.to_dict()
+
+
+def simulate_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Quantize an eager SFLlava in place exactly as the exporter does (parity's simulated reference)."""
+    for component in Component:
+        quantize_component(getattr(model, component.value), component.value, recipe.scheme(component))
+
+
+SIMULATORS[BACKEND] = simulate_recipe

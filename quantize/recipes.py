@@ -6,7 +6,7 @@ fp32 model with the tolerance of the recipe it was exported with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from sfedge.errors import UsageError
 from sfedge.manifest import Component
@@ -65,6 +65,10 @@ class Recipe:
 
 RECIPES: Dict[str, Registry[Recipe]] = {}
 
+# backend -> fn(model, recipe) that quantizes an eager SFLlava in place as the backend's exporter does
+# (the "simulated quantization" reference of parity; backends without one are compared with fp32 only)
+SIMULATORS: Dict[str, Callable] = {}
+
 
 def register_recipe(recipe: Recipe) -> Recipe:
     RECIPES.setdefault(recipe.backend, Registry(f"{recipe.backend} quantization recipe")).add(recipe.name, recipe)
@@ -92,6 +96,11 @@ def get_recipe(backend: str, name: str) -> Recipe:
     if backend not in RECIPES:
         raise UsageError(f"backend {backend!r} has no quantization recipes; backends with recipes: {', '.join(RECIPES)}")
     return RECIPES[backend].get(name)
+
+
+def simulator(backend: str) -> Optional[Callable]:
+    _load_backend_recipes(backend)
+    return SIMULATORS.get(backend)
 
 
 def recipe_names(backend: str) -> list[str]:

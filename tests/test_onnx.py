@@ -195,3 +195,20 @@ def test_unknown_scheme_is_refused():
 
     with pytest.raises(SfedgeError, match="known: fp32"):
         onnx_quant.file_suffix(ComponentScheme("int3"))
+
+
+def test_parity_fails_for_an_artifact_that_is_not_its_model(export_dir, tmp_path):
+    """A silent break must not pass: the fp32 files checked against another seed's eager model."""
+    import json
+    import shutil
+
+    from sfedge.cli import main
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(export_dir("fp32"), folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["weights"]["seed"] = manifest["weights"]["seed"] + 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    report = run_parity(folder, steps=8)
+    assert not report.passed and not any(row.passed for row in report.rows)
+    assert main(["parity", str(folder), "--steps", "4"]) == 1

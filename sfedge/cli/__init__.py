@@ -42,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The CLI (never the library) hides the export stack's deprecation chatter."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Mutation on a buffer.*")
+    for name in ("torchao", "executorch", "coremltools", "onnxruntime", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

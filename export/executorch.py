@@ -1,0 +1,187 @@
+"""ExecuTorch (XNNPACK) exporter: vision_encoder.pte, projector.pte and a multi-method llm.pte.
+
+Per component: quantize (torchao, before export) -> trace (torch.export) -> lower (two XNNPACK
+partitioners: dynamically quantized linears one op at a time first, then everything else) ->
+serialize. Shapes:
+
+* ``vision_encoder.pte``: method ``vision_encoder(pixels[B, 3, S, S]) -> [B, P, C]``, B = the static
+  ``encoder_batch`` (XNNPACK plans memory and packs weights once for a static shape; the runtime pads
+  the last batch).
+* ``projector.pte``: method ``projector(features[F, P, C]) -> [V, H]``, F = config.slowfast.frames
+  (the slow-frame indices and pooled token count depend on F, so it is part of the graph).
+* ``llm.pte``: ``token_embedding(ids[1, T])``, ``text_decoder(embeds[1, T, H], input_pos[1]) -> logits[1, V]``
+  with T dynamic in [1, prefill_chunk]: one method, one KV cache for prefill and decode, plus the
+  constant methods of sfedge.manifest.CONSTANT_METHODS.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from sfedge.errors import UsageError
+from sfedge.manifest import (
+    CONSTANT_METHODS, METHOD_TEXT_DECODER, METHOD_TOKEN_EMBEDDING, METHOD_VISION_ENCODER, ArtifactEntry, Component,
+    TensorSpec,
+)
+from sfedge.models import SFLlava
+from sfedge.quantize.executorch import quantize_component
+from sfedge.quantize.recipes import Recipe
+from sfedge.export.api import EXPORTERS, ExportOptions
+from sfedge.export.common import Progress, artifact_entry
+from sfedge.export.executorch_llm import use_custom_ops
+
+METHOD_PROJECTOR = Component.PROJECTOR.value
+TOKENS = "tokens"  # the symbolic sequence dim in the manifest and in torch.export
+QUANTIZER = "torchao via executorch.extension.llm.export.quantize.quantize_model_"
+
+
+def _executorch():
+    """The ExecuTorch lowering API, imported lazily (an optional dependency)."""
+    try:
+        from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"the ExecuTorch exporter needs {exc.name}: pip install 'sfedge[executorch]'") from None
+    return {"ConfigPrecisionType": ConfigPrecisionType, "XnnpackPartitioner": XnnpackPartitioner,
+            "EdgeCompileConfig": EdgeCompileConfig, "ExecutorchBackendConfig": ExecutorchBackendConfig,
+            "to_edge_transform_and_lower": to_edge_transform_and_lower, "MemoryPlanningPass": MemoryPlanningPass}
+
+
+def _partitioners(et: dict) -> list:
+    """As ExecuTorch's LLM export: dynamic-quant linears one op per partition first (each packed weight is
+    freed before the next is packed: lower peak memory), then the rest."""
+    return [et["XnnpackPartitioner"](config_precisions=et["ConfigPrecisionType"].DYNAMIC_QUANT, per_op_mode=True),
+            et["XnnpackPartitioner"]()]
+
+
+def lower_programs(programs: Dict[str, "torch.export.ExportedProgram"], constant_methods: dict | None = None,
+                   per_op_linears: bool = True) -> bytes:
+    """Lower torch.export programs (one per method) with XNNPACK into one .pte; returns its bytes.
+
+    ``per_op_linears=False`` uses one partitioner (fewer, larger partitions: faster to lower, fine for the
+    small vision / projector weights)."""
+    et = _executorch()
+    partitioners = _partitioners(et) if per_op_linears else [et["XnnpackPartitioner"]()]
+    edge = et["to_edge_transform_and_lower"](
+        programs, partitioner={name: partitioners for name in programs},
+        constant_methods=constant_methods or None,
+        compile_config=et["EdgeCompileConfig"](_check_ir_validity=False),
+    )
+    program = edge.to_executorch(et["ExecutorchBackendConfig"](
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,  # quantized embeddings -> ExecuTorch's quantized kernels
+        memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=False),
+    ))
+    return program.buffer
+
+
+def _trace(module: nn.Module, args: tuple, dynamic_shapes=None) -> "torch.export.ExportedProgram":
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _quantize(module: nn.Module, component: Component, recipe: Recipe, progress: Progress) -> dict:
+    with progress.stage(component.value, "quantize"):
+        quantization = quantize_component(module, component.value, recipe.scheme(component))
+    return {**quantization, "tool": QUANTIZER if quantization["scheme"] != "fp32" else None}
+
+
+def _write(folder: Path, file: str, data: bytes, label: str, progress: Progress) -> None:
+    with progress.stage(label, "serialize"):
+        (folder / file).write_bytes(data)
+
+
+def export_vision_encoder(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                          progress: Progress) -> ArtifactEntry:
+    vision = model.config.vision
+    component, file = Component.VISION_ENCODER, "vision_encoder.pte"
+    batch, size = options.encoder_batch, vision.frame_size
+    if batch < 1:
+        raise UsageError(f"--encoder-batch must be >= 1, got {batch}")
+    quantization = _quantize(model.vision_encoder, component, recipe, progress)
+    with progress.stage(component.value, "trace"):
+        program = _trace(model.vision_encoder, (torch.zeros(batch, 3, size, size),))
+    with progress.stage(component.value, "lower"):
+        data = lower_programs({METHOD_VISION_ENCODER: program}, per_op_linears=False)
+    _write(folder, file, data, component.value, progress)
+    return artifact_entry(folder, component.value, file, [TensorSpec("pixels", [batch, 3, size, size], "float32")],
+                          [TensorSpec("features", [batch, vision.patches_per_frame, vision.width], "float32")],
+                          quantization, METHOD_VISION_ENCODER, encoder_batch=batch)
+
+
+def export_projector(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                     progress: Progress) -> ArtifactEntry:
+    config = model.config
+    component, file = Component.PROJECTOR, "projector.pte"
+    frames = config.slowfast.frames
+    features = torch.zeros(frames, config.vision.patches_per_frame, config.vision.width)
+    quantization = _quantize(model.projector, component, recipe, progress)
+    with progress.stage(component.value, "trace"):
+        program = _trace(model.projector, (features,))
+    with progress.stage(component.value, "lower"):
+        data = lower_programs({METHOD_PROJECTOR: program}, per_op_linears=False)
+    _write(folder, file, data, component.value, progress)
+    tokens = model.projector.visual_tokens(frames)
+    return artifact_entry(folder, component.value, file, [TensorSpec("features", list(features.shape), "float32")],
+                          [TensorSpec("visual_embeds", [tokens, config.llm.hidden], "float32")],
+                          quantization, METHOD_PROJECTOR, frames=frames)
+
+
+def constant_methods(model: SFLlava, max_context: int) -> dict:
+    llm = model.config.llm
+    values = {"get_max_seq_len": max_context, "get_max_context_len": max_context, "get_bos_id": llm.bos_id,
+              "get_eos_ids": list(llm.eos_ids), "get_vocab_size": llm.vocab_size, "use_kv_cache": True}
+    assert set(values) == set(CONSTANT_METHODS), "keep in step with sfedge.manifest.CONSTANT_METHODS"
+    return values
+
+
+def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+               progress: Progress) -> List[ArtifactEntry]:
+    llm = model.config.llm
+    file, chunk = "llm.pte", options.prefill_chunk
+    embed_q = _quantize(model.token_embedding, Component.TOKEN_EMBEDDING, recipe, progress)
+    # Tied embeddings: quantize_ gives each module a new weight, so the lm_head and the token
+    # embedding can take different schemes while both start from the one shared tensor.
+    decoder_q = _quantize(model.text_decoder, Component.TEXT_DECODER, recipe, progress)
+    tokens = torch.export.Dim(TOKENS, min=1, max=chunk)
+    example = min(2, chunk)
+    with progress.stage(Component.TEXT_DECODER.value, "trace"):
+        use_custom_ops(model.text_decoder)
+        programs = {
+            METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
+                                           ({1: tokens},)),
+            METHOD_TEXT_DECODER: _trace(model.text_decoder, (torch.zeros(1, example, llm.hidden),
+                                                             torch.zeros(1, dtype=torch.long)), ({1: tokens}, None)),
+        }
+    constants = constant_methods(model, options.max_context)
+    with progress.stage("llm", "lower"):
+        data = lower_programs(programs, constants)
+    _write(folder, file, data, "llm", progress)
+    shared = dict(max_seq_len=options.max_context, prefill_chunk=chunk, constant_methods=constants)
+    embedding = artifact_entry(
+        folder, Component.TOKEN_EMBEDDING.value, file, [TensorSpec("token_ids", [1, TOKENS], "int64")],
+        [TensorSpec("embeds", [1, TOKENS, llm.hidden], "float32")], embed_q, METHOD_TOKEN_EMBEDDING,
+        quantized_kernels=embed_q["scheme"] != "fp32", **shared)
+    decoder = artifact_entry(
+        folder, Component.TEXT_DECODER.value, file,
+        [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
+        [TensorSpec("logits", [1, llm.vocab_size], "float32")], decoder_q, METHOD_TEXT_DECODER,
+        attention="llama.update_cache + llama.custom_sdpa", last_logits_only=True, **shared)
+    return [embedding, decoder]
+
+
+def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                      progress: Progress) -> List[ArtifactEntry]:
+    if options.prefill_chunk > options.max_context - 1:
+        raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
+    return [export_vision_encoder(model, options, recipe, folder, progress),
+            export_projector(model, options, recipe, folder, progress),
+            *export_llm(model, options, recipe, folder, progress)]
+
+
+EXPORTERS.add("executorch", export_executorch)

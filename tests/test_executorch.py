@@ -1,0 +1,182 @@
+"""ExecuTorch (XNNPACK) backend: every recipe exported once (tiny preset), checked against eager."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
+
+from sfedge.config import get_preset  # noqa: E402
+from sfedge.errors import SfedgeError, UsageError  # noqa: E402
+from sfedge.export.api import ExportOptions, export_model  # noqa: E402
+from sfedge.manifest import CONSTANT_METHODS, Component, read_manifest  # noqa: E402
+from sfedge.models import WeightsSource, build_model  # noqa: E402
+from sfedge.quantize.executorch import quantize_component  # noqa: E402
+from sfedge.quantize.recipes import Tolerance, get_recipe, recipe_names  # noqa: E402
+from sfedge.runtime.generate import prefill  # noqa: E402
+from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
+from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
+from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
+import sfedge.export.executorch as et_export  # noqa: E402  (registers the exporter and the recipes)
+
+MAX_CONTEXT, CHUNK, BATCH = 128, 32, 2
+RECIPES = recipe_names("executorch")
+EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4"}
+
+
+# The tiny preset cut to one LLM layer and one vision block (XNNPACK lowering costs seconds per
+# partition, and six recipes must export in a few minutes), with LLM widths of 128 so that the
+# group-128 recipe applies (every linear's input width must be a multiple of its group).
+TINY = get_preset("tiny")
+CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1),
+                      llm=dataclasses.replace(TINY.llm, layers=1, hidden=128, head_dim=32, intermediate=256))
+HIDDEN = CONFIG.llm.hidden
+
+
+def _export(recipe: str, out: Path):
+    options = ExportOptions(backend="executorch", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
+                            encoder_batch=BATCH, show_progress=False)
+    return export_model(CONFIG, WeightsSource(seed=0), options, out)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """recipe -> artifact folder, each recipe exported once for the whole module."""
+    folders = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in folders:
+            folder = tmp_path_factory.mktemp("et") / f"tiny_executorch_{recipe}"
+            _export(recipe, folder)
+            folders[recipe] = folder
+        return folders[recipe]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def fp32_folder(export_dir) -> Path:
+    return export_dir("fp32")
+
+
+def test_recipes_registered():
+    assert set(RECIPES) == EXPECTED_RECIPES
+
+
+def _quantized_eager(recipe: str) -> EagerSession:
+    """The eager model quantized in place with the recipe (torchao): the reference that isolates the export."""
+    model = build_model(CONFIG, WeightsSource(seed=0), MAX_CONTEXT)
+    for component in Component:
+        quantize_component(getattr(model, component.value), component.value,
+                           get_recipe("executorch", recipe).scheme(component))
+    return EagerSession(model)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_parity_per_recipe(export_dir, recipe: str):
+    exported = export_dir(recipe)
+    manifest = read_manifest(exported)
+    tolerance = get_recipe("executorch", recipe).tolerance
+    report = run_parity(exported, steps=16)  # components vs fp32; top-1 vs fp32 or the simulated recipe
+    print("\n" + report.table())
+    assert report.passed, report.table()
+    assert report.top1_reference == ("eager fp32" if recipe == "fp32" else f"eager + {recipe} (simulated)")
+    if recipe != "fp32":
+        # Top-1 against fp32 measures torchao's quantization error on random weights (reported above);
+        # top-1 against the same recipe applied in eager PyTorch measures what the export adds.
+        rows, summary = compare_sessions(_quantized_eager(recipe), open_session(exported),
+                                         Tolerance(min_cosine=0.999), steps=16)
+        print(f"vs eager {recipe}: " + ", ".join(f"{r.component} max abs {r.max_abs:.3g} cos {r.cosine:.6f}" for r in rows)
+              + f"; top-1 {summary['top1_agreement']:.1%}")
+        assert all(row.passed for row in rows), rows
+        assert summary["top1_agreement"] >= tolerance.min_top1, summary
+    for component in Component:
+        scheme = get_recipe("executorch", manifest.recipe).scheme(component)
+        assert manifest.component(component).quantization["scheme"] == scheme.scheme
+
+
+def test_pte_methods_and_constants(fp32_folder: Path):
+    session = open_session(fp32_folder)
+    programs = session._programs
+    assert programs["vision_encoder.pte"].method_names == {"vision_encoder"}
+    assert programs["projector.pte"].method_names == {"projector"}
+    assert programs["llm.pte"].method_names == {"token_embedding", "text_decoder", *CONSTANT_METHODS}
+    llm = CONFIG.llm
+    assert session.constant("get_max_seq_len") == MAX_CONTEXT
+    assert session.constant("get_max_context_len") == MAX_CONTEXT
+    assert session.constant("get_bos_id") == llm.bos_id
+    assert session.constant("get_eos_ids") == list(llm.eos_ids)
+    assert session.constant("get_vocab_size") == llm.vocab_size
+    assert session.constant("use_kv_cache") is True
+    assert (session.encoder_batch, session.frames, session.max_prefill_chunk) == (BATCH, 8, CHUNK)
+
+
+def test_manifest_entries(fp32_folder: Path):
+    manifest = read_manifest(fp32_folder)
+    decoder = manifest.component("text_decoder")
+    assert decoder.file == "llm.pte" and decoder.method == "text_decoder"
+    assert [(t.name, t.shape, t.dtype) for t in decoder.inputs] == [
+        ("inputs_embeds", [1, "tokens", HIDDEN], "float32"), ("input_pos", [1], "int64")]
+    assert [(t.shape, t.dtype) for t in decoder.outputs] == [([1, 512], "float32")]
+    embedding = manifest.component("token_embedding")
+    assert embedding.inputs[0].shape == [1, "tokens"] and embedding.inputs[0].dtype == "int64"
+    assert manifest.component("vision_encoder").inputs[0].shape == [BATCH, 3, 64, 64]
+    assert manifest.component("projector").inputs[0].shape == [8, 16, 64]
+    stages = manifest.export_options["stage_seconds"]
+    for stage in ("quantize", "trace", "lower", "serialize"):
+        assert any(key.endswith(f".{stage}") for key in stages), stages
+
+
+def test_long_prompt_chunked_prefill_and_padded_encoder_batch(fp32_folder: Path):
+    session = open_session(fp32_folder)
+    eager = EagerSession.open(fp32_folder, read_manifest(fp32_folder), SessionOptions())
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (3 * CHUNK + 5,), generator=generator)  # longer than the prefill chunk
+    embeds = eager.embed(ids)
+    assert torch.allclose(session.embed(ids), embeds, atol=1e-6)
+    session.reset()
+    eager.reset()
+    got, want = prefill(session, embeds), prefill(eager, embeds)
+    assert (got - want).abs().max().item() <= 1e-4
+    nxt = eager.embed(torch.tensor([int(want.argmax())]))
+    assert (session.decode(nxt, ids.shape[0]) - eager.decode(nxt, ids.shape[0])).abs().max().item() <= 1e-4
+    pixels = torch.randn(BATCH + 1, 3, 64, 64, generator=generator).clamp(-1, 1)  # last batch padded
+    assert (session.encode(pixels) - eager.encode(pixels)).abs().max().item() <= 1e-4
+    with pytest.raises(SfedgeError, match="prefill chunk"):
+        session.decode(embeds[: CHUNK + 1], 0)
+    with pytest.raises(SfedgeError, match="frames"):
+        session.project(torch.zeros(3, 16, 64))
+
+
+def test_unknown_recipe_lists_valid_ones(tmp_path: Path):
+    with pytest.raises(UsageError, match="8da4w-emb4") as info:
+        _export("int3", tmp_path / "x")
+    assert "int3" in str(info.value)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["4w", "8w"])
+def test_weight_only_recipe_refused_with_reason(tmp_path: Path, name: str):
+    with pytest.raises(UsageError, match="wrong logits") as info:
+        _export(name, tmp_path / "x")
+    assert "8da4w" in str(info.value) and name in str(info.value)
+
+
+def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch):
+    calls = []
+
+    def failing_lower(programs, constant_methods=None, per_op_linears=True):
+        calls.append(list(programs))
+        if len(calls) > 1:  # vision_encoder.pte was written; fail while lowering the projector
+            raise RuntimeError("simulated crash mid-export")
+        return b"partial"
+
+    monkeypatch.setattr(et_export, "lower_programs", failing_lower)
+    out = tmp_path / "tiny_executorch_fp32"
+    with pytest.raises(RuntimeError, match="simulated"):
+        _export("fp32", out)
+    assert calls == [["vision_encoder"], ["projector"]]
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a .partial sibling
