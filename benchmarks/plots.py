@@ -71,6 +71,10 @@ def plot_memory_vs_frames(records: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("process peak RSS, MiB")
     ax.set_ylim(bottom=0)
     ax.set_title("Peak memory vs frames (one fresh process per case)")
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt, fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -104,12 +108,7 @@ def plot_visual_tokens(models: Sequence[Tuple[str, ModelConfig, int]], frames: S
     ax.set_xlabel("frames sampled")
     ax.set_ylabel("visual tokens")
     ax.set_title("Visual tokens vs frames against the context limit")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def budget_models(sources, slowfast_specs: Sequence) -> List[Tuple[str, ModelConfig, int]]:

@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Dict
 
 from sfedge.errors import UsageError
-from sfedge.manifest import Component
 from sfedge.quantize.recipes import (
-    FP16_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, register_recipe, uniform,
+    FP16_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, per_part, register_recipe, uniform,
 )
 
 BACKEND = "coreml"
@@ -47,11 +46,8 @@ _SCHEME_TARGETS = {("fp16", None): "iOS16", ("int8", "per_channel"): "iOS16", ("
 SCHEME_OPS = {"fp16": None, "int8": "constexpr_blockwise_shift_scale", "int4": "constexpr_blockwise_shift_scale",
               "palettize4": "constexpr_lut_to_dense"}
 
-_VISION_INT8 = {Component.VISION_ENCODER.value: INT8, Component.PROJECTOR.value: INT8}
-
-
 def _llm(scheme: ComponentScheme) -> Dict[str, ComponentScheme]:
-    return {**_VISION_INT8, Component.TOKEN_EMBEDDING.value: scheme, Component.TEXT_DECODER.value: scheme}
+    return per_part(vision=INT8, decoder=scheme, embedding=scheme)
 
 
 register_recipe(Recipe("fp16", BACKEND, "fp16 weights and compute everywhere (the Core ML baseline)", uniform(FP16), FP16_TOLERANCE))

@@ -21,7 +21,7 @@ from torch import nn
 from sfedge.errors import UsageError
 from sfedge.manifest import Component
 from sfedge.quantize.recipes import (
-    FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, SIMULATORS, ComponentScheme, Recipe, register_recipe, uniform,
+    FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, SIMULATORS, ComponentScheme, per_part, Recipe, register_recipe, uniform,
 )
 from sfedge.registry import Registry
 
@@ -60,11 +60,8 @@ class _ExecuTorchRecipes(Registry):
 
 RECIPES.setdefault(BACKEND, _ExecuTorchRecipes(f"{BACKEND} quantization recipe"))
 
-_VISION_8DA8W = {Component.VISION_ENCODER.value: LINEAR_8DA8W, Component.PROJECTOR.value: LINEAR_8DA8W}
-
-
 def _llm(linear: ComponentScheme, embedding: ComponentScheme = FP32) -> dict:
-    return {**_VISION_8DA8W, Component.TOKEN_EMBEDDING.value: embedding, Component.TEXT_DECODER.value: linear}
+    return per_part(vision=LINEAR_8DA8W, decoder=linear, embedding=embedding)
 
 
 register_recipe(Recipe("fp32", BACKEND, "fp32 everywhere (the parity baseline)", uniform(FP32), FP32_TOLERANCE))

@@ -115,5 +115,11 @@ def uniform(scheme: ComponentScheme, **overrides: ComponentScheme) -> Dict[str, 
     return table
 
 
+def per_part(vision: ComponentScheme, decoder: ComponentScheme, embedding: ComponentScheme) -> Dict[str, ComponentScheme]:
+    """Vision encoder + projector share one scheme; token embedding and text decoder get their own."""
+    return {Component.VISION_ENCODER.value: vision, Component.PROJECTOR.value: vision,
+            Component.TOKEN_EMBEDDING.value: embedding, Component.TEXT_DECODER.value: decoder}
+
+
 register_recipe(Recipe("fp32", "eager", "the eager PyTorch model in fp32 (the parity reference)",
                        uniform(ComponentScheme("fp32")), FP32_TOLERANCE))

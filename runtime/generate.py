@@ -1,7 +1,7 @@
 """Prefill in chunks up to the session's limit, then KV-cache decode one token at a time."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 

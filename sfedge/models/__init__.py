@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,8 +75,7 @@ def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype) -> Non
     llm = model.config.llm
     decoder = model.text_decoder
     if weights.llm_dir:
-        embedding_entries, decoder_entries = map_llm_keys(read_safetensors(_safetensors_files(
-            __import__("pathlib").Path(weights.llm_dir), "LLM")))
+        embedding_entries, decoder_entries = map_llm_keys(read_safetensors(_safetensors_files(Path(weights.llm_dir), "LLM")))
         assign_state(model.token_embedding, embedding_entries, dtype, "LLM")
         if llm.tie_embeddings:
             decoder_entries.setdefault("lm_head.weight", embedding_entries["embed_tokens.weight"])
