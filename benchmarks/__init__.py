@@ -1,4 +1,4 @@
 """sfedge benchmarks (``sfedge bench``): cases and sweeps (cases.py), one case per fresh worker
 process (worker.py, runner.py), machine limits and rooflines (limits.py, roofline.py), printers,
-plots, the CI regression gate (gate.py) and the transformers peer (peers_transformers.py).
+plots, the CI regression gate (gate.py) and the transformers peer (peers.py).
 Only the runtime is used, so every backend is measured by the same code."""

@@ -108,13 +108,13 @@ class Sweep:
         for source in self.sources:
             frames, slowfast = list(self.frames), list(self.slowfast)
             if source.fixed_frames:
-                fixed = folder_frames(source.folder)
+                exported = folder_frames(source.folder)
                 requested = [f for f in frames if f is not None]
-                if requested and requested != [fixed]:
-                    skipped = [str(f) for f in requested if f != fixed]
-                    self.notes.append(f"{source.label}: the export fixes frames at {fixed}; skipped --frames "
-                                      f"{','.join(skipped)} (re-export with --frames to measure them)")
-                frames = [fixed]
+                skipped = [str(f) for f in requested if f not in exported]
+                if skipped:
+                    self.notes.append(f"{source.label}: the export has projectors for {','.join(map(str, exported))} frames; "
+                                      f"skipped --frames {','.join(skipped)} (re-export with `--frames` listing them)")
+                frames = [f for f in requested if f in exported] if requested else [exported[0]]
                 if any(slowfast):
                     self.notes.append(f"{source.label}: the SlowFast spec is fixed by the export; skipped --slowfast "
                                       f"{','.join(s for s in slowfast if s)}")
@@ -137,17 +137,11 @@ class Sweep:
         return cases
 
 
-def folder_frames(folder: str) -> int:
-    """The static frame count an artifact folder was exported with (read from its manifest)."""
-    from sfedge.manifest import Component, read_manifest
+def folder_frames(folder: str) -> List[int]:
+    """The static frame counts an artifact folder has projectors for, the default first (from its manifest)."""
+    from sfedge.manifest import read_manifest
 
-    manifest = read_manifest(folder)
-    frames = manifest.export_options.get("frames")
-    if frames is None:
-        frames = manifest.component(Component.PROJECTOR).extra.get("frames")
-    if frames is None:
-        frames = manifest.model_config["slowfast"]["frames"]
-    return int(frames)
+    return list(read_manifest(folder).projectors())
 
 
 # --- list parsing for the CLI (-p 128,512 style) --------------------------------------------------

@@ -2,7 +2,7 @@
 stdin and prints one JSON result on stdout (progress goes to stderr).
 
 Jobs: {"kind": "case", "case": BenchCase}, {"kind": "limits", "threads": n}, and the peers' jobs
-{"kind": "llm" | "transformers", ...} (benchmarks/peers_transformers.py).
+{"kind": "llm" | "transformers" | "executorch-runner", ...} (benchmarks/peers.py).
 
 Only the runtime is used (Pipeline.from_folder / Pipeline.from_preset, the session, generate), so
 every backend is measured by the same code. Stage boundaries are observed through the RunStats
@@ -113,11 +113,15 @@ def artifact_info(pipeline, folder: Optional[str]) -> tuple[dict, Optional[int],
             if name not in files:
                 files[name] = path_bytes(Path(folder) / name) if folder and (Path(folder) / name).exists() else entry.bytes
             total += files[name]
-        sizes[entry.component] = total
+        sizes[entry.component] = sizes.get(entry.component, 0) + total  # projectors: one file per frame count
     sizes["total"] = sum(files.values())
     decoder = manifest.component(Component.TEXT_DECODER)
     kv_bytes = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "int8": 1}.get(str(decoder.extra.get("kv_dtype", "fp32")), 4)
-    return sizes, sizes.get(Component.TEXT_DECODER.value), kv_bytes
+    decoder_bytes = sizes.get(Component.TEXT_DECODER.value)
+    embedding = manifest.component(Component.TOKEN_EMBEDDING)
+    if decoder_bytes and embedding.file == decoder.file:  # llm.pte: a decode step gathers one row of the table
+        decoder_bytes -= int(embedding.extra.get("table_bytes", 0))
+    return sizes, decoder_bytes, kv_bytes
 
 
 # --- one case ----------------------------------------------------------------------------------------
@@ -233,11 +237,11 @@ def dispatch(job: dict) -> dict:
         return run_case(BenchCase.from_dict(job["case"]))
     if kind == "limits":
         return run_limits(job)
-    if kind in ("llm", "transformers"):
-        from sfedge.benchmarks import peers_transformers
+    if kind in ("llm", "transformers", "executorch-runner"):
+        from sfedge.benchmarks import peers
 
-        return peers_transformers.run_job(job)
-    raise UsageError(f"unknown worker job kind {kind!r}; known: case, limits, llm, transformers")
+        return peers.run_job(job)
+    raise UsageError(f"unknown worker job kind {kind!r}; known: case, limits, llm, transformers, executorch-runner")
 
 
 def main() -> int:

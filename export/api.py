@@ -6,7 +6,7 @@ import datetime
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from sfedge import __version__
 from sfedge.budget import compute_budget, template_text_tokens
@@ -17,7 +17,7 @@ from sfedge.models import SFLlava, WeightsSource, build_model, resolve_config
 from sfedge.quantize.recipes import Recipe, get_recipe
 from sfedge.registry import Registry
 from sfedge.tokenizer import load_tokenizer
-from sfedge.export.common import Progress, atomic_output_dir
+from sfedge.export.common import Progress, atomic_output_dir, projector_frame_counts
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ExportOptions:
     overwrite: bool = False
     show_progress: bool = True
     coreml_target: str = "iOS18"  # Core ML minimum deployment target of the stateless packages (the LLM is always iOS18)
+    extra_frames: Tuple[int, ...] = ()  # more frame counts to export a projector for (one folder serves a frame sweep)
 
 
 Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]
@@ -85,13 +86,17 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
     config = resolve_config(config, weights)
     tokenizer = load_tokenizer(config, weights.llm_dir)
     text_tokens = template_text_tokens(config, llm_dir=weights.llm_dir)
-    max_context = options.max_context or default_max_context(config, text_tokens)
+    frame_counts = projector_frame_counts(config.slowfast.frames, options.extra_frames)
+    for frames in frame_counts:
+        config.with_slowfast(frames)  # every frame count must be valid for the SlowFast spec
+    largest = max(frame_counts)
+    max_context = options.max_context or default_max_context(config.with_slowfast(largest), text_tokens)
     if max_context > config.llm.max_context:
         raise UsageError(f"--max-context {max_context} exceeds model {config.name}'s context of {config.llm.max_context}")
-    prompt_tokens = compute_budget(config, text_tokens).prompt_tokens
+    prompt_tokens = compute_budget(config, text_tokens, frames=largest).prompt_tokens
     if max_context <= prompt_tokens:
         raise UsageError(
-            f"--max-context {max_context} cannot hold the {prompt_tokens}-token prompt of {config.slowfast.frames} frames "
+            f"--max-context {max_context} cannot hold the {prompt_tokens}-token prompt of {largest} frames "
             f"({config.slowfast.spec}); pass --max-context above {prompt_tokens} or fewer --frames")
     if options.prefill_chunk < 1 or options.prefill_chunk >= max_context:
         raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
@@ -106,7 +111,10 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
             backend=options.backend, recipe=recipe.name, preset=config.name, model_config=config.to_dict(),
             weights={**weights.to_dict(), "fingerprint": weights.fingerprint()},
             token_budget=compute_budget(config, text_tokens, context=max_context).to_dict(),
-            export_options={**asdict(options), "frames": config.slowfast.frames, "stage_seconds": progress.timings},
+            export_options={**asdict(options), "frames": config.slowfast.frames, "frame_counts": frame_counts,
+                            "prompt_tokens_by_frames": {str(f): compute_budget(config, text_tokens, frames=f).prompt_tokens
+                                                        for f in frame_counts},
+                            "stage_seconds": progress.timings},
             tokenizer={"file": TOKENIZER_FILE, "kind": config.tokenizer,
                        "special_tokens": dict(config.llm.special_tokens), "eos_ids": list(config.llm.eos_ids)},
             components=entries, sfedge_version=__version__, git_commit=_git_commit(),

@@ -63,3 +63,13 @@ def artifact_entry(folder: Path, component: str, file: str, inputs: Sequence[Ten
     return ArtifactEntry(component=component, file=file, sha256=sha256_path(path), bytes=path_bytes(path),
                          inputs=list(inputs), outputs=list(outputs), quantization=quantization, method=method,
                          extra=dict(extra))
+
+
+def projector_frame_counts(default_frames: int, extra_frames: Sequence[int]) -> list:
+    """The frame counts to export a projector for: the config's first, then the extra ones, no repeats."""
+    return list(dict.fromkeys([default_frames, *extra_frames]))
+
+
+def projector_stem(frames: int, default_frames: int) -> str:
+    """``projector`` for the default frame count, ``projector_f32`` for an extra one (32 frames)."""
+    return "projector" if frames == default_frames else f"projector_f{frames}"

@@ -1,7 +1,8 @@
 """``--backend coreml``: three static-shape .mlpackage files converted with coremltools.
 
 - ``vision_encoder.mlpackage``: pixels [encoder_batch, 3, S, S] -> features [encoder_batch, P, C].
-- ``projector.mlpackage``: features [frames, P, C] -> visual embeddings [visual tokens, H].
+- ``projector.mlpackage``: features [frames, P, C] -> visual embeddings [visual tokens, H]
+  (plus ``projector_f{N}.mlpackage`` for each extra count of ``--frames 8,32,...``).
 - ``llm.mlpackage``: ONE multifunction model (iOS18) with weights stored once:
   ``embed`` (token ids [1, prefill_chunk] -> embeddings), ``prefill`` (embeddings [1, prefill_chunk, H],
   input_pos, last_index -> logits [1, V]) and ``decode`` (one token). ``prefill`` and ``decode`` share
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import List
 
 from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry
+from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
 from sfedge.export.coreml_convert import Port, convert, export_program, load_spec, save_multifunction
 from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
@@ -29,7 +30,7 @@ from sfedge.models import SFLlava
 from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, target_rank
 from sfedge.quantize.recipes import Recipe
 
-VISION_FILE, PROJECTOR_FILE, LLM_FILE = "vision_encoder.mlpackage", "projector.mlpackage", "llm.mlpackage"
+VISION_FILE, LLM_FILE = "vision_encoder.mlpackage", "llm.mlpackage"
 FN_EMBED, FN_PREFILL, FN_DECODE = "embed", "prefill", "decode"
 
 
@@ -68,15 +69,22 @@ def export_vision(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     return _static_entry(out, component, VISION_FILE, inputs, outputs, applied, target)
 
 
-def export_projector(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress, target: str):
+def export_projectors(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress,
+                      target: str) -> List[ArtifactEntry]:
+    """One static-shape package per frame count: projector.mlpackage, then projector_f{N}.mlpackage."""
     config = model.config
     component = Component.PROJECTOR.value
-    frames = config.slowfast.frames
-    inputs = [Port("features", (frames, config.vision.patches_per_frame, config.vision.width), "float16")]
-    outputs = [Port("visual_embeds", (model.projector.visual_tokens(frames), config.llm.hidden), "float16")]
-    applied = _convert_one(model.projector, inputs, outputs, target, recipe.scheme(component), ("linear",),
-                           out / PROJECTOR_FILE, progress, component)
-    return _static_entry(out, component, PROJECTOR_FILE, inputs, outputs, applied, target)
+    entries = []
+    for frames in projector_frame_counts(config.slowfast.frames, options.extra_frames):
+        file = f"{projector_stem(frames, config.slowfast.frames)}.mlpackage"
+        inputs = [Port("features", (frames, config.vision.patches_per_frame, config.vision.width), "float16")]
+        outputs = [Port("visual_embeds", (model.projector.visual_tokens(frames), config.llm.hidden), "float16")]
+        applied = _convert_one(model.projector, inputs, outputs, target, recipe.scheme(component), ("linear",),
+                               out / file, progress, f"{component}[{frames} frames]")
+        entry = _static_entry(out, component, file, inputs, outputs, applied, target)
+        entry.extra["frames"] = frames
+        entries.append(entry)
+    return entries
 
 
 def llm_ports(hidden: int, vocab: int, chunk: int) -> dict:
@@ -142,7 +150,7 @@ def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     check_target(recipe, targets)
     return [
         export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]),
-        export_projector(model, options, recipe, out, progress, targets[Component.PROJECTOR.value]),
+        *export_projectors(model, options, recipe, out, progress, targets[Component.PROJECTOR.value]),
         *export_llm(model, options, recipe, out, progress),
     ]
 

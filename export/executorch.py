@@ -8,7 +8,8 @@ serialize. Shapes:
   ``encoder_batch`` (XNNPACK plans memory and packs weights once for a static shape; the runtime pads
   the last batch).
 * ``projector.pte``: method ``projector(features[F, P, C]) -> [V, H]``, F = config.slowfast.frames
-  (the slow-frame indices and pooled token count depend on F, so it is part of the graph).
+  (the slow-frame indices and pooled token count depend on F, so it is part of the graph); plus
+  ``projector_f{N}.pte`` for every extra frame count (``--frames 8,32,128``).
 * ``llm.pte``: ``token_embedding(ids[1, T])``, ``text_decoder(embeds[1, T, H], input_pos[1]) -> logits[1, V]``
   with T dynamic in [1, prefill_chunk]: one method, one KV cache for prefill and decode, plus the
   constant methods of sfedge.manifest.CONSTANT_METHODS.
@@ -27,10 +28,10 @@ from sfedge.manifest import (
     TensorSpec,
 )
 from sfedge.models import SFLlava
-from sfedge.quantize.executorch import quantize_component
+from sfedge.quantize.executorch import embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry
+from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
 from sfedge.export.executorch_llm import use_custom_ops
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
@@ -114,22 +115,28 @@ def export_vision_encoder(model: SFLlava, options: ExportOptions, recipe: Recipe
                           quantization, METHOD_VISION_ENCODER, encoder_batch=batch)
 
 
-def export_projector(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
-                     progress: Progress) -> ArtifactEntry:
+def export_projectors(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                      progress: Progress) -> List[ArtifactEntry]:
+    """One static-shape projector .pte per frame count: ``projector.pte`` for the default count,
+    ``projector_f{N}.pte`` for each of ``options.extra_frames``."""
     config = model.config
-    component, file = Component.PROJECTOR, "projector.pte"
-    frames = config.slowfast.frames
-    features = torch.zeros(frames, config.vision.patches_per_frame, config.vision.width)
+    component = Component.PROJECTOR
     quantization = _quantize(model.projector, component, recipe, progress)
-    with progress.stage(component.value, "trace"):
-        program = _trace(model.projector, (features,))
-    with progress.stage(component.value, "lower"):
-        data = lower_programs({METHOD_PROJECTOR: program}, per_op_linears=False)
-    _write(folder, file, data, component.value, progress)
-    tokens = model.projector.visual_tokens(frames)
-    return artifact_entry(folder, component.value, file, [TensorSpec("features", list(features.shape), "float32")],
-                          [TensorSpec("visual_embeds", [tokens, config.llm.hidden], "float32")],
-                          quantization, METHOD_PROJECTOR, frames=frames)
+    entries = []
+    for frames in projector_frame_counts(config.slowfast.frames, options.extra_frames):
+        label, file = f"{component.value}[{frames} frames]", f"{projector_stem(frames, config.slowfast.frames)}.pte"
+        features = torch.zeros(frames, config.vision.patches_per_frame, config.vision.width)
+        with progress.stage(label, "trace"):
+            program = _trace(model.projector, (features,))
+        with progress.stage(label, "lower"):
+            data = lower_programs({METHOD_PROJECTOR: program}, per_op_linears=False)
+        _write(folder, file, data, label, progress)
+        tokens = model.projector.visual_tokens(frames)
+        entries.append(artifact_entry(
+            folder, component.value, file, [TensorSpec("features", list(features.shape), "float32")],
+            [TensorSpec("visual_embeds", [tokens, config.llm.hidden], "float32")], quantization, METHOD_PROJECTOR,
+            frames=frames))
+    return entries
 
 
 def constant_methods(model: SFLlava, max_context: int) -> dict:
@@ -166,7 +173,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     embedding = artifact_entry(
         folder, Component.TOKEN_EMBEDDING.value, file, [TensorSpec("token_ids", [1, TOKENS], "int64")],
         [TensorSpec("embeds", [1, TOKENS, llm.hidden], "float32")], embed_q, METHOD_TOKEN_EMBEDDING,
-        quantized_kernels=embed_q["scheme"] != "fp32", **shared)
+        quantized_kernels=embed_q["scheme"] != "fp32",
+        table_bytes=embedding_table_bytes(llm.vocab_size, llm.hidden, recipe.scheme(Component.TOKEN_EMBEDDING)), **shared)
     decoder = artifact_entry(
         folder, Component.TEXT_DECODER.value, file,
         [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
@@ -180,7 +188,7 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
     if options.prefill_chunk > options.max_context - 1:
         raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
     return [export_vision_encoder(model, options, recipe, folder, progress),
-            export_projector(model, options, recipe, folder, progress),
+            *export_projectors(model, options, recipe, folder, progress),
             *export_llm(model, options, recipe, folder, progress)]
 
 

@@ -100,6 +100,9 @@ def export_executorch_coreml(model: SFLlava, options: ExportOptions, recipe: Rec
         if recipe.scheme(component).scheme != "fp16":
             raise UsageError(f"executorch-coreml recipe {recipe.name!r} asks for {recipe.scheme(component).scheme} on "
                              f"{component.value}; this backend supports fp16 only (use --backend coreml for compression)")
+    if options.extra_frames:
+        raise UsageError("executorch-coreml writes one .pte with a single projector method: pass one --frames count "
+                         "(several counts are supported by --backend executorch, onnx and coreml)")
     ct, CoreMLBackend, CoreMLPartitioner, to_edge_transform_and_lower = _lowering_api()
     use_masked_cache(model.text_decoder, explicit_softmax=True)  # dense cache writes: the whole decoder converts as one Core ML partition
     with progress.stage("model", "trace"):

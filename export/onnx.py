@@ -1,7 +1,8 @@
 """`--backend onnx`: four ONNX graphs named as transformers.js names a VLM's files.
 
     vision_encoder{sfx}.onnx        pixel_values [batch, 3, S, S] -> image_features [batch, P, C]
-    projector{sfx}.onnx             image_features [frames, P, C] -> visual_embeds [V, H]   (frames static)
+    projector{sfx}.onnx             image_features [frames, P, C] -> visual_embeds [V, H]   (frames static;
+                                    projector_f{N}{sfx}.onnx for each extra count of --frames 8,32,...)
     embed_tokens{sfx}.onnx          input_ids [1, T] -> inputs_embeds [1, T, H]
     decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values)
 
@@ -24,7 +25,7 @@ from torch import nn
 from sfedge.errors import SfedgeError
 from sfedge.export import onnx_decoder
 from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry
+from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize import onnx as onnx_quant
@@ -48,6 +49,10 @@ class Traceable:
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
     extra: Dict[str, object] = field(default_factory=dict)
+    stem: str = ""  # file stem; default: the component's FILE_STEMS entry
+
+    def file_stem(self) -> str:
+        return self.stem or FILE_STEMS[self.component]
 
 
 def _require_onnx_stack() -> None:
@@ -74,15 +79,18 @@ def _vision(model: SFLlava, options: ExportOptions) -> Traceable:
         {"batch": "dynamic", "encoder_batch": options.encoder_batch})
 
 
-def _projector(model: SFLlava) -> Traceable:
+def _projectors(model: SFLlava, options: ExportOptions) -> List[Traceable]:
+    """One static-shape projector graph per frame count (the default first)."""
     config = model.config
-    frames, patches, width = config.slowfast.frames, config.vision.patches_per_frame, config.vision.width
-    tokens = model.projector.visual_tokens(frames)
-    return Traceable(
+    patches, width = config.vision.patches_per_frame, config.vision.width
+    default = config.slowfast.frames
+    return [Traceable(
         Component.PROJECTOR, model.projector, (torch.zeros(frames, patches, width),), ["image_features"],
         ["visual_embeds"], None,
-        [_f32("image_features", [frames, patches, width])], [_f32("visual_embeds", [tokens, config.llm.hidden])],
-        {"frames": frames, "slowfast": config.slowfast.spec})
+        [_f32("image_features", [frames, patches, width])],
+        [_f32("visual_embeds", [model.projector.visual_tokens(frames), config.llm.hidden])],
+        {"frames": frames, "slowfast": config.slowfast.spec}, projector_stem(frames, default))
+        for frames in projector_frame_counts(default, options.extra_frames)]
 
 
 def _embedding(model: SFLlava) -> Traceable:
@@ -131,14 +139,14 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
     traced: List[Traceable] = []
     try:
         with torch.no_grad():
-            for item in (_vision(model, options), _projector(model), _embedding(model)):
-                with progress.stage(item.component.value, "trace"):
-                    _trace(item, work / f"{FILE_STEMS[item.component]}.onnx")
+            for item in (_vision(model, options), *_projectors(model, options), _embedding(model)):
+                with progress.stage(item.file_stem(), "trace"):
+                    _trace(item, work / f"{item.file_stem()}.onnx")
                 traced.append(item)
             with onnx_decoder.past_present_attention(model.text_decoder) as wrapper:
                 item = _decoder(model, wrapper)
                 with progress.stage(item.component.value, "trace"):
-                    _trace(item, work / f"{FILE_STEMS[item.component]}.onnx")
+                    _trace(item, work / f"{item.file_stem()}.onnx")
                 traced.append(item)
         model.to("meta")
         return [_finish(item, recipe, out, work, progress) for item in traced]
@@ -149,11 +157,11 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
 def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress) -> ArtifactEntry:
     component = item.component.value
     scheme = recipe.scheme(item.component)
-    stem = FILE_STEMS[item.component]
+    stem = item.file_stem()
     file = f"{stem}{onnx_quant.file_suffix(scheme)}.onnx"
-    with progress.stage(component, "quantize"):
+    with progress.stage(stem, "quantize"):
         proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work)
-    with progress.stage(component, "serialize"):
+    with progress.stage(stem, "serialize"):
         data_files = onnx_quant.save_model(proto, out / file)
     del proto
     return artifact_entry(out, component, file, item.inputs, item.outputs, scheme.to_dict(),

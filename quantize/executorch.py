@@ -111,6 +111,19 @@ def quantize_component(module: nn.Module, component: str, scheme: ComponentSchem
     return scheme.to_dict()
 
 
+def embedding_table_bytes(vocab: int, hidden: int, scheme: ComponentScheme) -> int:
+    """Bytes of the token-embedding table as stored in llm.pte (weights + fp32 scales; zero points ignored).
+
+    The benchmarks subtract it from llm.pte's size: a decode step gathers one row of it, while the
+    separately quantized lm_head (inside the decoder) is read in full."""
+    values = vocab * hidden
+    if scheme.scheme == "fp32":
+        return values * 4
+    bits = {"8w": 8, "4w": 4}[scheme.scheme]
+    groups = vocab * (hidden // scheme.group_size if scheme.group_size else 1)
+    return values * bits // 8 + groups * 4
+
+
 def simulate_recipe(model: nn.Module, recipe: Recipe) -> None:
     """Quantize an eager SFLlava in place exactly as the exporter does (parity's simulated reference)."""
     for component in Component:

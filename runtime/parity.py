@@ -103,11 +103,14 @@ def compare_sessions(reference: ModelSession, candidate: ModelSession, tolerance
     pixels = torch.randn(batch, 3, size, size, generator=generator).clamp_(-1, 1)
     rows = [_row("vision_encoder", reference.encode(pixels), candidate.encode(pixels), tolerance)]
 
-    frames = candidate.frames or config.slowfast.frames
-    frame_pixels = torch.randn(frames, 3, size, size, generator=generator).clamp_(-1, 1)
-    features = torch.cat([reference.encode(frame_pixels[i:i + 1]) for i in range(frames)])
-    visual = reference.project(features)
-    rows.append(_row("projector", visual, candidate.project(features), tolerance))
+    frame_counts = candidate.frame_counts or (config.slowfast.frames,)
+    frame_pixels = torch.randn(max(frame_counts), 3, size, size, generator=generator).clamp_(-1, 1)
+    all_features = torch.cat([reference.encode(frame_pixels[i:i + 1]) for i in range(max(frame_counts))])
+    for frames in frame_counts:  # every exported projector; the default (first) one feeds the LLM below
+        features = all_features[:frames]
+        label = "projector" if frames == frame_counts[0] else f"projector[{frames}f]"
+        rows.append(_row(label, reference.project(features), candidate.project(features), tolerance))
+    visual = reference.project(all_features[:frame_counts[0]])
 
     vocab = min(config.llm.vocab_size, 1000)
     ids = torch.randint(0, vocab, (text_tokens,), generator=generator)

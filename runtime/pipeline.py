@@ -63,7 +63,11 @@ class Pipeline:
     # --- stages ---------------------------------------------------------------------------------
 
     def frames_to_sample(self, video: VideoOptions) -> int:
-        return self.session.frames or video.max_frames or self.config.slowfast.frames
+        """--frames when given (an export must have a projector for it), else the export's or preset's default."""
+        if video.max_frames is not None:
+            self.session.check_frames(video.max_frames)
+            return video.max_frames
+        return self.session.frames or self.config.slowfast.frames
 
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         batch = self.session.encoder_batch
@@ -85,8 +89,8 @@ class Pipeline:
         frames = self.frames_to_sample(video)
         start = now_ms()
         decoded = load_video(video_path, self.config.vision.frame_size, frames, video.policy, video.sample_fps)
-        if self.session.frames:
-            sample = resample_to(decoded.sample, self.session.frames)
+        if self.session.frame_counts:  # static projector shapes: exactly `frames` frames, whatever the policy gave
+            sample = resample_to(decoded.sample, frames)
             position = {index: i for i, index in enumerate(decoded.sample.indices)}
             decoded.frames = decoded.frames[[position[i] for i in sample.indices]]
             decoded.sample = sample

@@ -90,6 +90,15 @@ class Manifest:
         known = ", ".join(e.component for e in self.components)
         raise SfedgeError(f"manifest has no component {key!r} (it lists: {known})")
 
+    def components_of(self, name: Union[str, Component]) -> List[ArtifactEntry]:
+        """Every entry of a component (the projector has one per exported frame count)."""
+        key = name.value if isinstance(name, Component) else name
+        return [entry for entry in self.components if entry.component == key] or [self.component(key)]
+
+    def projectors(self) -> Dict[int, ArtifactEntry]:
+        """frame count -> projector entry; the first is the export's default frame count."""
+        return {projector_frames(entry): entry for entry in self.components_of(Component.PROJECTOR)}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
@@ -112,6 +121,14 @@ class Manifest:
             return Manifest(**{**data, "components": components})
         except (KeyError, TypeError) as exc:
             raise SfedgeError(f"{source} does not follow the sfedge manifest schema ({exc})") from None
+
+
+def projector_frames(entry: ArtifactEntry) -> int:
+    """The static frame count a projector entry takes: ``extra.frames``, else its input's first dim."""
+    frames = entry.extra.get("frames", entry.inputs[0].shape[0] if entry.inputs else None)
+    if not isinstance(frames, int):
+        raise SfedgeError(f"the manifest's projector entry {entry.file} has no static frame count; re-export the model")
+    return frames
 
 
 def read_manifest(folder: Union[str, Path]) -> Manifest:

@@ -95,3 +95,14 @@ def test_non_video_file_is_a_clear_error(capsys, tmp_path):
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     assert main(["run", "--help"]) == 0
+
+
+def test_export_frame_list_parsing():
+    import argparse
+
+    from sfedge.cli.common import frame_list
+
+    assert frame_list("8,32,128") == [8, 32, 128] and frame_list("16") == [16]
+    for bad in ("8,x", "0,8", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            frame_list(bad)

@@ -36,9 +36,13 @@ CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1),
 HIDDEN = CONFIG.llm.hidden
 
 
+EXTRA_FRAMES = (4,)  # the fp32 export also carries a 4-frame projector (one folder serves a frame sweep)
+
+
 def _export(recipe: str, out: Path):
     options = ExportOptions(backend="executorch", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                            encoder_batch=BATCH, show_progress=False)
+                            encoder_batch=BATCH, show_progress=False,
+                            extra_frames=EXTRA_FRAMES if recipe == "fp32" else ())
     return export_model(CONFIG, WeightsSource(seed=0), options, out)
 
 
@@ -103,6 +107,7 @@ def test_pte_methods_and_constants(fp32_folder: Path):
     programs = session._programs
     assert programs["vision_encoder.pte"].method_names == {"vision_encoder"}
     assert programs["projector.pte"].method_names == {"projector"}
+    assert programs["projector_f4.pte"].method_names == {"projector"}
     assert programs["llm.pte"].method_names == {"token_embedding", "text_decoder", *CONSTANT_METHODS}
     llm = CONFIG.llm
     assert session.constant("get_max_seq_len") == MAX_CONTEXT
@@ -112,6 +117,24 @@ def test_pte_methods_and_constants(fp32_folder: Path):
     assert session.constant("get_vocab_size") == llm.vocab_size
     assert session.constant("use_kv_cache") is True
     assert (session.encoder_batch, session.frames, session.max_prefill_chunk) == (BATCH, 8, CHUNK)
+
+
+def test_extra_frame_counts_get_their_own_projector(fp32_folder: Path):
+    manifest = read_manifest(fp32_folder)
+    assert {f: e.file for f, e in manifest.projectors().items()} == {8: "projector.pte", 4: "projector_f4.pte"}
+    assert manifest.export_options["frame_counts"] == [8, 4]
+    session = open_session(fp32_folder)
+    eager = EagerSession(build_model(CONFIG, WeightsSource(seed=0), MAX_CONTEXT))
+    assert session.frame_counts == (8, 4) and session.frames == 8
+    for frames in (8, 4):
+        features = torch.randn(frames, CONFIG.vision.patches_per_frame, CONFIG.vision.width)
+        expected = eager.project(features)
+        got = session.project(features)
+        assert got.shape == expected.shape and (got - expected).abs().max().item() <= 1e-4
+    with pytest.raises(SfedgeError, match="projectors for 8,4 frames, not 5"):
+        session.project(torch.zeros(5, CONFIG.vision.patches_per_frame, CONFIG.vision.width))
+    report = run_parity(fp32_folder, steps=4)
+    assert [r.component for r in report.rows][:3] == ["vision_encoder", "projector", "projector[4f]"] and report.passed
 
 
 def test_manifest_entries(fp32_folder: Path):
@@ -180,3 +203,17 @@ def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch):
         _export("fp32", out)
     assert calls == [["vision_encoder"], ["projector"]]
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a .partial sibling
+
+
+def test_executorch_runner_peer_runs_the_same_pte(fp32_folder: Path, capsys):
+    """ExecuTorch's own C++ runner loads our llm.pte (method names, constants, tokenizer.json) and is timed beside ours."""
+    from sfedge.benchmarks import peers
+
+    argv = [str(fp32_folder), "--peer", "executorch-runner", "--prompt-tokens", "12", "--gen-tokens", "4", "-r", "1",
+            "--warmup", "0"]
+    assert peers.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "ExecuTorch 1.5.1 runner" in table and "sfedge executorch" in table and "decode 4 tok" in table
+    too_long = [str(fp32_folder), "--peer", "executorch-runner", "--prompt-tokens", str(CHUNK + 1), "-r", "1"]
+    assert peers.main(too_long) == 2
+    assert "prefill chunk" in capsys.readouterr().err

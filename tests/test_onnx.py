@@ -16,12 +16,13 @@ from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import SfedgeError  # noqa: E402
 from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import Component, read_manifest  # noqa: E402
-from sfedge.models import WeightsSource  # noqa: E402
+from sfedge.models import WeightsSource, build_model  # noqa: E402
 from sfedge.quantize import onnx as onnx_quant  # noqa: E402
 from sfedge.quantize.recipes import recipe_names  # noqa: E402
 from sfedge.runtime.generate import prefill  # noqa: E402
 from sfedge.runtime.parity import run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
+from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 
 RECIPES = ["fp32", "fp16", "int8", "int4", "q4f16"]
 MAX_CONTEXT, CHUNK = 128, 32
@@ -44,7 +45,7 @@ def export_dir(tmp_path_factory):
     def get(recipe: str) -> Path:
         if recipe not in folders:
             options = ExportOptions(backend="onnx", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                                    show_progress=False)
+                                    show_progress=False, extra_frames=(4,) if recipe == "fp32" else ())
             export_model(get_preset("tiny"), WeightsSource(seed=0), options, root / f"tiny_onnx_{recipe}")
             folders[recipe] = root / f"tiny_onnx_{recipe}"
         return folders[recipe]
@@ -76,7 +77,8 @@ def test_files_are_valid_and_run_in_plain_onnxruntime(export_dir, recipe):
     suffix = onnx_quant.FILE_SUFFIX
     for entry in manifest.components:
         path = folder / entry.file
-        assert entry.file == f"{STEMS[entry.component]}{suffix[entry.quantization['scheme']]}.onnx"
+        stem = STEMS[entry.component] + (f"_f{entry.extra['frames']}" if entry.extra.get("frames", 8) != 8 else "")
+        assert entry.file == f"{stem}{suffix[entry.quantization['scheme']]}.onnx"
         onnx.checker.check_model(str(path))  # path-based: also follows external data
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == [t.name for t in entry.inputs]
@@ -164,8 +166,13 @@ def test_session_options_and_projector_frames(export_dir):
     assert vision.get_providers() == ["CPUExecutionProvider"]
     assert vision.get_session_options().intra_op_num_threads == 1
     config = session.config
+    assert session.frame_counts == (8, 4)  # the fp32 export carries an extra 4-frame projector
+    assert read_manifest(folder).projectors()[4].file == "projector_f4.onnx"
+    eager = EagerSession(build_model(config, WeightsSource(seed=0), MAX_CONTEXT))
+    features = torch.randn(4, config.vision.patches_per_frame, config.vision.width)
+    assert (session.project(features) - eager.project(features)).abs().max().item() <= 1e-4
     features = torch.zeros(session.frames + 1, config.vision.patches_per_frame, config.vision.width)
-    with pytest.raises(SfedgeError, match="frames"):
+    with pytest.raises(SfedgeError, match="projectors for 8,4 frames, not 9"):
         session.project(features)
     # the vision graph's batch is dynamic: 3 frames in one call
     assert session.encode(torch.zeros(3, 3, config.vision.frame_size, config.vision.frame_size)).shape[0] == 3
@@ -212,3 +219,16 @@ def test_parity_fails_for_an_artifact_that_is_not_its_model(export_dir, tmp_path
     report = run_parity(folder, steps=8)
     assert not report.passed and not any(row.passed for row in report.rows)
     assert main(["parity", str(folder), "--steps", "4"]) == 1
+
+
+def test_run_picks_an_exported_frame_count_or_says_which_exist(export_dir, tmp_path, capsys):
+    from sfedge.cli import main
+    from sfedge.runtime.video import make_demo_video
+
+    folder = export_dir("fp32")
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=2, fps=8, size=64)
+    assert main(["run", str(folder), "--video", str(video), "--prompt", "hi", "--frames", "4",
+                 "--max-new-tokens", "2"]) == 0
+    assert "frames 4 |" in capsys.readouterr().err
+    assert main(["run", str(folder), "--video", str(video), "--prompt", "hi", "--frames", "5"]) == 1
+    assert "projectors for 8,4 frames, not 5" in capsys.readouterr().err

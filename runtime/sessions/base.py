@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from sfedge.config import ModelConfig
+from sfedge.errors import SfedgeError
 from sfedge.manifest import Manifest
 from sfedge.registry import Registry
 
@@ -32,7 +33,8 @@ class ModelSession(abc.ABC):
     manifest: Optional[Manifest] = None
     max_context: int  # KV cache length
     max_prefill_chunk: int  # the largest T decode() accepts
-    frames: Optional[int] = None  # static frame count of the projector artifact, None when any count works
+    frames: Optional[int] = None  # the export's default (static) frame count, None when any count works
+    frame_counts: Tuple[int, ...] = ()  # every frame count a projector artifact takes; () when any count works
     encoder_batch: Optional[int] = None  # static batch of the vision encoder artifact, None when any batch works
 
     @abc.abstractmethod
@@ -54,6 +56,13 @@ class ModelSession(abc.ABC):
     @abc.abstractmethod
     def reset(self) -> None:
         """Forget the KV cache (a new conversation starts at position 0)."""
+
+    def check_frames(self, frames: int, where: str = "") -> None:
+        """A clear error when the artifacts have no projector for ``frames`` frames."""
+        if self.frame_counts and frames not in self.frame_counts:
+            counts = ",".join(str(f) for f in self.frame_counts)
+            raise SfedgeError(f"{where or 'this ' + self.backend + ' export'} has projectors for {counts} frames, not {frames}: "
+                              f"pass --frames with one of those, or re-export with `sfedge export --frames {counts},{frames}`")
 
     def close(self) -> None:  # pragma: no cover - backends with resources override
         pass

@@ -55,7 +55,8 @@ class CoreMLSession(ModelSession):
         self.max_context = int(manifest.export_options["max_context"])
         decoder = manifest.component(Component.TEXT_DECODER)
         self.max_prefill_chunk = int(decoder.extra["prefill_chunk"])
-        self.frames = int(manifest.component(Component.PROJECTOR).inputs[0].shape[0])
+        self.frame_counts = tuple(manifest.projectors())
+        self.frames = self.frame_counts[0]
         self.encoder_batch = int(manifest.component(Component.VISION_ENCODER).inputs[0].shape[0])
         self.state = models["decode"].make_state()
 
@@ -81,7 +82,8 @@ class CoreMLSession(ModelSession):
         decoder = manifest.component(Component.TEXT_DECODER)
         models = {
             "vision_encoder": load(Component.VISION_ENCODER),
-            "projector": load(Component.PROJECTOR),
+            **{f"projector[{frames}]": ct.models.MLModel(str(folder / entry.file), compute_units=units)
+               for frames, entry in manifest.projectors().items()},
             "embed": load(Component.TOKEN_EMBEDDING, manifest.component(Component.TOKEN_EMBEDDING).method),
             "prefill": load(Component.TEXT_DECODER, decoder.method),
             "decode": load(Component.TEXT_DECODER, decoder.extra["decode_function"]),
@@ -107,10 +109,8 @@ class CoreMLSession(ModelSession):
         return torch.cat(chunks)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[0] != self.frames:
-            raise SfedgeError(f"the Core ML projector takes exactly {self.frames} frames (static shape), got "
-                              f"{features.shape[0]}: sample {self.frames} frames or re-export with --frames")
-        return self._predict("projector", {"features": self._f16(features)})
+        self.check_frames(features.shape[0])
+        return self._predict(f"projector[{features.shape[0]}]", {"features": self._f16(features)})
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         chunk = self.max_prefill_chunk

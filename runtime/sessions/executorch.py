@@ -47,11 +47,13 @@ class ExecuTorchSession(ModelSession):
             _unsafe_reset_threadpool(int(options.threads))
         runtime = _runtime()
         self._programs: Dict[str, object] = {}
-        self._methods = {c.value: self._load(runtime, manifest.component(c)) for c in Component}
-        vision, projector = manifest.component(Component.VISION_ENCODER), manifest.component(Component.PROJECTOR)
+        self._methods = {c.value: self._load(runtime, manifest.component(c)) for c in Component if c != Component.PROJECTOR}
+        self._projectors = {frames: self._load(runtime, entry) for frames, entry in manifest.projectors().items()}
+        vision = manifest.component(Component.VISION_ENCODER)
         decoder = manifest.component(Component.TEXT_DECODER)
         self.encoder_batch = int(vision.extra["encoder_batch"])
-        self.frames = int(projector.extra["frames"])
+        self.frame_counts = tuple(self._projectors)
+        self.frames = self.frame_counts[0]
         self.max_context = int(decoder.extra["max_seq_len"])
         self.max_prefill_chunk = int(decoder.extra["prefill_chunk"])
         self._check_constants(decoder)
@@ -96,10 +98,8 @@ class ExecuTorchSession(ModelSession):
         return torch.cat(outputs)[:count]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[0] != self.frames:
-            raise SfedgeError(f"this {self.backend} projector was exported for {self.frames} frames, got {features.shape[0]}: "
-                              f"sample {self.frames} frames (--frames {self.frames}) or re-export with the frame count you want")
-        return self._run(Component.PROJECTOR, [features.float().contiguous()]).clone()
+        self.check_frames(features.shape[0], f"{self.folder}")
+        return self._projectors[features.shape[0]].execute([features.float().contiguous()])[0].clone()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         ids = token_ids.to(torch.long).reshape(-1)

@@ -51,6 +51,10 @@ class _Graph:
         return self.session.run(None, {name: self.feed(name, value) for name, value in inputs.items()})
 
 
+def _projector_key(frames: int) -> str:
+    return f"{Component.PROJECTOR.value}[{frames}]"
+
+
 class OnnxRuntimeSession(ModelSession):
     backend = "onnx"
 
@@ -61,7 +65,8 @@ class OnnxRuntimeSession(ModelSession):
         options = manifest.export_options
         self.max_context = int(options["max_context"])
         self.max_prefill_chunk = int(options["prefill_chunk"])
-        self.frames = int(options["frames"])
+        self.frame_counts = tuple(manifest.projectors())
+        self.frames = self.frame_counts[0]
         self.encoder_batch = int(options["encoder_batch"])  # the graph's batch is dynamic: this bounds memory
         decoder = manifest.component(Component.TEXT_DECODER)
         self._past_names: List[str] = list(decoder.extra["past_inputs"])
@@ -86,8 +91,10 @@ class OnnxRuntimeSession(ModelSession):
         if options.threads:
             session_options.intra_op_num_threads = int(options.threads)
         graphs = {entry.component: _Graph(Path(folder) / entry.file, session_options, providers)
-                  for entry in manifest.components}
-        missing = {c.value for c in Component} - set(graphs)
+                  for entry in manifest.components if entry.component != Component.PROJECTOR.value}
+        graphs.update({_projector_key(frames): _Graph(Path(folder) / entry.file, session_options, providers)
+                       for frames, entry in manifest.projectors().items()})
+        missing = {c.value for c in Component if c != Component.PROJECTOR} - set(graphs)
         if missing:
             raise SfedgeError(f"{folder}: the manifest lists no file for {', '.join(sorted(missing))}; re-export the model")
         device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
@@ -100,10 +107,8 @@ class OnnxRuntimeSession(ModelSession):
         return torch.from_numpy(features).float()
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[0] != self.frames:
-            raise SfedgeError(f"the projector was exported for {self.frames} frames, got {features.shape[0]}: "
-                              f"sample {self.frames} frames or re-export with --frames {features.shape[0]}")
-        (visual,) = self.graphs[Component.PROJECTOR.value].run(image_features=features.numpy())
+        self.check_frames(features.shape[0])
+        (visual,) = self.graphs[_projector_key(features.shape[0])].run(image_features=features.numpy())
         return torch.from_numpy(visual).float()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

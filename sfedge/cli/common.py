@@ -13,11 +13,27 @@ _WEIGHTS = WeightsSource()
 _SAMPLING = SamplingConfig()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+def frame_list(text: str) -> list:
+    """``--frames 8,32,128`` for export: the first count is the default, each gets its own projector."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame counts such as 8 or 8,32,128, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"frame counts must be >= 1, got {text!r}")
+    return counts
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True, frame_list_allowed: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=model_required, metavar="PRESET",
                        help=f"model preset: {', '.join(PRESETS)}")
-    group.add_argument("--frames", type=int, help="frames sampled per video (default: the preset's)")
+    if frame_list_allowed:
+        group.add_argument("--frames", type=frame_list, metavar="N[,N...]",
+                           help="frames per video (default: the preset's); several counts, e.g. 8,32,128, export one "
+                                "projector per count into the same folder (the first is the default)")
+    else:
+        group.add_argument("--frames", type=int, help="frames sampled per video (default: the preset's)")
     group.add_argument("--slowfast", metavar="SPEC",
                        help="SF-LLaVA spec, e.g. slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4")
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sfedge.export.api import ExportOptions
 
     defaults = ExportOptions(backend="executorch")
-    add_model_arguments(parser)
+    add_model_arguments(parser, frame_list_allowed=True)
     add_weights_arguments(parser)
     group = parser.add_argument_group("export")
     group.add_argument("--backend", required=True, choices=_BACKENDS)
@@ -34,9 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sfedge.export.api import ExportOptions, export_model
 
+    frame_counts = args.frames or []
+    args.frames = frame_counts[0] if frame_counts else None  # the first count is the folder's default
     options = ExportOptions(backend=args.backend, recipe=args.quant, max_context=args.max_context,
                             prefill_chunk=args.prefill_chunk, encoder_batch=args.encoder_batch,
-                            overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target)
+                            overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target,
+                            extra_frames=tuple(frame_counts[1:]))
     manifest = export_model(model_config(args), weights_source(args), options, args.out)
     for entry in manifest.components:
         print(f"{entry.component:<16} {entry.file:<32} {entry.bytes / 2**20:>9.2f} MiB  {entry.quantization}")
