@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="with DIR: run this backend on the folders instead, e.g. eager (the reference)")
     parser.add_argument("--video", help="video to benchmark with (default: a 10 s synthetic clip written to a temp folder)")
     sweep = parser.add_argument_group("sweeps (comma-separated lists, llama-bench style)")
-    sweep.add_argument("--frames", metavar="N[,N]", help="frames sampled per video; eager presets only (an export fixes it)")
+    sweep.add_argument("--frames", metavar="N[,N]", help="frames sampled per video (a folder: the counts it has projectors for, see `sfedge export --frames`)")
     sweep.add_argument("--slowfast", metavar="SPEC[,SPEC]", help="SF-LLaVA SlowFast specs; eager presets only")
     sweep.add_argument("--prompt-tokens", metavar="N[,N]",
                        help="text tokens of the prompt (template + a filler question); visual tokens come on top "
