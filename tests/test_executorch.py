@@ -217,3 +217,13 @@ def test_executorch_runner_peer_runs_the_same_pte(fp32_folder: Path, capsys):
     too_long = [str(fp32_folder), "--peer", "executorch-runner", "--prompt-tokens", str(CHUNK + 1), "-r", "1"]
     assert peers.main(too_long) == 2
     assert "prefill chunk" in capsys.readouterr().err
+
+
+def test_sdpa_probe_times_the_kernel_of_llm_pte(capsys):
+    from sfedge.benchmarks import sdpa_probe
+
+    rows = sdpa_probe.probe("tiny", [4, 64], [1], repeats=2)
+    assert [r["position"] for r in rows] == [4, 64] and all(r["ms_per_layer"] > 0 for r in rows)
+    assert sdpa_probe.main(["--model", "tiny", "--positions", "8", "--threads", "1", "-r", "1"]) == 0
+    assert "| 1 | 8 |" in capsys.readouterr().out
+    assert sdpa_probe.main(["--model", "tiny", "--positions", "0,x"]) == 2
