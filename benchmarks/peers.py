@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -170,6 +171,7 @@ def check_executorch_runner_job(job: dict):
 
 
 def measure_executorch_runner(job: dict) -> dict:
+    from importlib import metadata
     from pathlib import Path
 
     from sfedge.benchmarks.summary import summarize_all
@@ -208,8 +210,6 @@ def measure_executorch_runner(job: dict) -> dict:
             samples["prefill_ms"].append(prefill_ms)
             samples["prefill_tokens_per_s"].append(st["prompt_tokens"] / (prefill_ms / 1e3) if prefill_ms else 0.0)
             samples["decode_tokens_per_s"].append(st["generated_tokens"] / (decode_ms / 1e3) if decode_ms else 0.0)
-    from importlib import metadata
-
     return {"metrics": summarize_all(samples), "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
             "name": f"ExecuTorch {metadata.version('executorch')} runner", "model_load_ms": load_ms,
             "threads": job.get("threads")}
@@ -235,9 +235,12 @@ def format_table(ours: dict, peer: dict, job: dict) -> str:
     return "\n".join(lines)
 
 
+_NATIVE_LOG = re.compile(r"^(\[\w+\.(cpp|h):\d+\]|[IWE]\d{4} |[IWE] )")  # [op.cpp:12] ..., glog/absl, tokenizers
+
+
 def _quiet_progress(line: str) -> None:
-    """Forward the worker's own lines; drop ExecuTorch's C++ log lines ([file.cpp:N] ...)."""
-    if line.startswith(("    ", "[sfedge", "  ")) or not line.startswith(("[", "I ", "W ", "E ")):
+    """Forward the worker's own lines; drop the C++ libraries' log lines."""
+    if not _NATIVE_LOG.match(line):
         print(line, file=sys.stderr)
 
 

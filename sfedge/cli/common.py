@@ -15,13 +15,12 @@ _SAMPLING = SamplingConfig()
 
 def frame_list(text: str) -> list:
     """``--frames 8,32,128`` for export: the first count is the default, each gets its own projector."""
+    from sfedge.benchmarks.cases import parse_int_list
+
     try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected frame counts such as 8 or 8,32,128, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"frame counts must be >= 1, got {text!r}")
-    return counts
+        return parse_int_list(text, "--frames")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True, frame_list_allowed: bool = False) -> None:
