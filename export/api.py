@@ -12,12 +12,12 @@ from sfedge import __version__
 from sfedge.budget import compute_budget, template_text_tokens
 from sfedge.config import ModelConfig
 from sfedge.errors import UsageError
-from sfedge.manifest import TOKENIZER_FILE, ArtifactEntry, Manifest
+from sfedge.manifest import TOKENIZER_FILE, ArtifactEntry, Manifest, sha256_file
 from sfedge.models import SFLlava, WeightsSource, build_model, resolve_config
 from sfedge.quantize.recipes import Recipe, get_recipe
 from sfedge.registry import Registry
 from sfedge.tokenizer import load_tokenizer
-from sfedge.export.common import Progress, atomic_output_dir, projector_frame_counts
+from sfedge.export.common import Progress, atomic_output_dir, check_output_dir, projector_frame_counts, record_kv_dtype
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,12 @@ def _ensure_backend_loaded(backend: str) -> None:
     """Exporters register on import; import only the one asked for (optional dependencies)."""
     import importlib
 
-    modules = {"executorch": "sfedge.export.executorch", "onnx": "sfedge.export.onnx", "coreml": "sfedge.export.coreml",
-               "executorch-coreml": "sfedge.export.executorch_coreml"}
-    if backend in modules and backend not in EXPORTERS:
+    from sfedge.backends import BACKENDS
+
+    module = BACKENDS[backend].exporter_module if backend in BACKENDS else None
+    if module and backend not in EXPORTERS:
         try:
-            importlib.import_module(modules[backend])
+            importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("sfedge"):
                 raise UsageError(f"export backend {backend!r} is not available in this build") from None
@@ -80,6 +81,7 @@ def _ensure_backend_loaded(backend: str) -> None:
 
 
 def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOptions, out_dir: Path) -> Manifest:
+    out_dir = check_output_dir(out_dir, options.overwrite)  # before any work: the model build takes minutes at 3B
     _ensure_backend_loaded(options.backend)
     exporter = EXPORTERS.get(options.backend)
     recipe = get_recipe(options.backend, options.recipe)
@@ -102,10 +104,11 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
         raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
     options = ExportOptions(**{**asdict(options), "max_context": max_context})
     progress = Progress(enabled=options.show_progress)
-    with progress.stage("model", "build"):
-        model = build_model(config, weights, max_context)
     with atomic_output_dir(out_dir, options.overwrite) as tmp:
+        with progress.stage("model", "build"):
+            model = build_model(config, weights, max_context)
         entries = exporter(model, options, recipe, tmp, progress)
+        record_kv_dtype(model, entries, tmp)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         manifest = Manifest(
             backend=options.backend, recipe=recipe.name, preset=config.name, model_config=config.to_dict(),
@@ -115,7 +118,7 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
                             "prompt_tokens_by_frames": {str(f): compute_budget(config, text_tokens, frames=f).prompt_tokens
                                                         for f in frame_counts},
                             "stage_seconds": progress.timings},
-            tokenizer={"file": TOKENIZER_FILE, "kind": config.tokenizer,
+            tokenizer={"file": TOKENIZER_FILE, "sha256": sha256_file(tmp / TOKENIZER_FILE), "kind": config.tokenizer,
                        "special_tokens": dict(config.llm.special_tokens), "eos_ids": list(config.llm.eos_ids)},
             components=entries, sfedge_version=__version__, git_commit=_git_commit(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

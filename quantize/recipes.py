@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+from sfedge.backends import BACKENDS
 from sfedge.errors import UsageError
 from sfedge.manifest import Component
 from sfedge.registry import Registry
@@ -75,8 +76,7 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-RECIPE_MODULES = {"executorch": "sfedge.quantize.executorch", "onnx": "sfedge.quantize.onnx",
-                  "coreml": "sfedge.quantize.coreml", "executorch-coreml": "sfedge.quantize.coreml"}
+RECIPE_MODULES = {name: info.recipe_module for name, info in BACKENDS.items() if info.recipe_module}
 
 
 def _load_backend_recipes(backend: str) -> None:

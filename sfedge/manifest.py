@@ -9,7 +9,7 @@ import enum
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional, Union
 
 from sfedge.errors import SfedgeError
@@ -145,6 +145,37 @@ def read_manifest(folder: Union[str, Path]) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
+def contained_path(folder: Union[str, Path], name: object, source: str, what: str) -> Path:
+    """``folder / name`` when ``name`` is a plain relative path that stays inside ``folder``; else a one-line
+    SfedgeError naming ``source`` and the entry. Refused: non-strings, empty names, absolute paths,
+    backslashes, ``..`` components, and paths whose symlinks (in any component) resolve outside ``folder``."""
+    folder = Path(folder)
+    reason = None
+    if not isinstance(name, str) or not name.strip():
+        reason = "is not a file name"
+    elif name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        reason = "is an absolute path"
+    elif "\\" in name or "\x00" in name:
+        reason = "contains a backslash or NUL"
+    elif ".." in PurePosixPath(name).parts:
+        reason = "contains '..'"
+    else:
+        root = folder.resolve()
+        target = (folder / name).resolve()
+        if target == root:
+            reason = "names the folder itself"
+        elif root not in target.parents:
+            reason = f"resolves to {target}, outside {root} (a symlink?)"
+    if reason:
+        raise SfedgeError(f"{source}: {what} {name!r} {reason}; only files inside the folder may be named")
+    return folder / name
+
+
+def artifact_path(folder: Union[str, Path], name: object, what: str = "file") -> Path:
+    """The path of a file an artifact folder's manifest names, refused unless it stays inside the folder."""
+    return contained_path(folder, name, str(Path(folder) / MANIFEST_FILE), what)
+
+
 def sha256_file(path: Union[str, Path]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -170,18 +201,81 @@ def path_bytes(path: Union[str, Path]) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def verify_artifacts(folder: Union[str, Path], manifest: Manifest) -> None:
-    """Every file the manifest names exists and has the recorded sha256."""
-    folder = Path(folder)
-    checked: Dict[str, str] = {}
+@dataclass(frozen=True)
+class CheckedFile:
+    """One file a manifest names, with the sha256 the manifest records for it."""
+
+    name: str
+    what: str  # "component text_decoder", "data file of component text_decoder", "tokenizer"
+    sha256: Any  # str when recorded; anything else is refused at verification
+
+
+def manifest_files(manifest: Manifest) -> List[CheckedFile]:
+    """Every file the manifest names: component files, ONNX external data files, the tokenizer."""
+    files: Dict[str, CheckedFile] = {}
     for entry in manifest.components:
-        for name in [entry.file, *entry.extra.get("data_files", [])]:
-            if name in checked:
-                continue
-            path = folder / name
-            if not path.exists():
-                raise SfedgeError(f"{path} is missing: the manifest names it (re-export, or copy the whole folder)")
-            checked[name] = sha256_path(path)
-        if checked[entry.file] != entry.sha256:
-            raise SfedgeError(f"{folder / entry.file} does not match the sha256 in {MANIFEST_FILE}: the file changed after export "
+        files.setdefault(entry.file, CheckedFile(entry.file, f"component {entry.component}", entry.sha256))
+        data_files = entry.extra.get("data_files", [])
+        data_sha = entry.extra.get("data_sha256", {})
+        if not isinstance(data_files, list) or not isinstance(data_sha, dict):
+            raise SfedgeError(f"manifest entry {entry.component}: data_files must be a list and data_sha256 a mapping")
+        for name in data_files:
+            files.setdefault(name, CheckedFile(name, f"data file of component {entry.component}", data_sha.get(name)))
+    tokenizer = manifest.tokenizer.get("file", TOKENIZER_FILE) if isinstance(manifest.tokenizer, dict) else None
+    files.setdefault(tokenizer, CheckedFile(tokenizer, "tokenizer", manifest.tokenizer.get("sha256") if tokenizer else None))
+    return list(files.values())
+
+
+def verify_artifacts(folder: Union[str, Path], manifest: Manifest, use_cache: bool = True) -> None:
+    """Every file the manifest names (component files, ONNX external data, tokenizer.json) stays inside
+    ``folder``, exists, and has the sha256 the manifest records.
+
+    Every path is checked for containment before anything is hashed. A verdict is remembered per file in
+    the verification cache (sfedge.hash_cache), keyed by its absolute path, size, mtime, ctime, inode and
+    the expected sha256, so a second open of an unchanged folder hashes nothing; any change of those
+    rehashes it. Limit: a file rewritten in place with the same size whose mtime and ctime were both
+    restored (which needs a clock change or raw disk access) would keep a cached verdict; pass
+    ``use_cache=False`` (``SFEDGE_VERIFY_CACHE=0``) to always hash.
+    """
+    from sfedge import hash_cache
+
+    folder = Path(folder)
+    files = manifest_files(manifest)
+    paths = [artifact_path(folder, item.name, item.what) for item in files]  # every path, before any hashing
+    for item, path in zip(files, paths):
+        if not path.exists():
+            raise SfedgeError(f"{path} is missing: the manifest names it as {item.what} (re-export, or copy the whole folder)")
+        if path.is_dir() and not item.name.endswith(".mlpackage"):
+            raise SfedgeError(f"{path} is a folder, not a file: the manifest names it as {item.what} (only .mlpackage artifacts are folders)")
+        if path.is_dir():
+            _check_tree_contained(folder, path)
+        if not isinstance(item.sha256, str) or not item.sha256:
+            raise SfedgeError(f"{folder / MANIFEST_FILE} records no sha256 for {item.what} {item.name!r} "
+                              f"(written by an older sfedge?): re-export it, or pass --no-verify to run it anyway")
+        if not hash_cache.verified(path, item.sha256, sha256_path, use_cache=use_cache):
+            raise SfedgeError(f"{path} does not match the sha256 in {MANIFEST_FILE} ({item.what}): the file changed after export "
                               f"(re-export it, or pass --no-verify to run it anyway)")
+
+
+def _check_tree_contained(folder: Path, tree: Path) -> None:
+    """No symlink inside a folder artifact (.mlpackage) may lead outside the artifact folder."""
+    root = folder.resolve()
+    for path in tree.rglob("*"):
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise SfedgeError(f"{path} is a symlink to {path.resolve()}, outside {root}; only files inside the folder may be named")
+
+
+def check_weights_fingerprint(manifest: Manifest) -> None:
+    """Recompute the fingerprint of the weights the manifest was exported from and compare it with the
+    recorded one: a checkpoint changed at the same path must not silently give a different reference."""
+    from sfedge.models.weights import WeightsSource
+
+    recorded = manifest.weights.get("fingerprint") if isinstance(manifest.weights, dict) else None
+    if not isinstance(recorded, str) or not recorded:
+        raise SfedgeError("the manifest records no weights fingerprint: re-export the model with this sfedge")
+    source = WeightsSource.from_dict(manifest.weights)
+    current = source.fingerprint()
+    if current != recorded:
+        where = ", ".join(p for p in (source.llm_dir, source.vision_path, source.projector_path) if p) or f"random seed {source.seed}"
+        raise SfedgeError(f"the weights the manifest was exported from ({where}) changed since export (fingerprint "
+                          f"{current[:12]} != recorded {recorded[:12]}): re-export, or restore the original checkpoint")

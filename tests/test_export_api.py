@@ -36,7 +36,7 @@ def test_failure_leaves_no_folder(tmp_path):
 
 def test_success_replaces_atomically(tmp_path):
     with atomic_output_dir(tmp_path / "out") as tmp:
-        (tmp / "a").write_text("1")
+        (tmp / "manifest.json").write_text("{}")  # --overwrite replaces only an sfedge export (or an empty folder)
     with atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]

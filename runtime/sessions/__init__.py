@@ -8,19 +8,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from sfedge.backends import BACKENDS
 from sfedge.errors import SfedgeError
 from sfedge.manifest import read_manifest, verify_artifacts
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 
-SESSION_MODULES = {
-    "eager": "sfedge.runtime.sessions.eager",
-    "executorch": "sfedge.runtime.sessions.executorch",
-    "onnx": "sfedge.runtime.sessions.onnxruntime",
-    "coreml": "sfedge.runtime.sessions.coreml",
-    "executorch-coreml": "sfedge.runtime.sessions.executorch",
-}
-INSTALL_HINTS = {"executorch": "pip install 'sfedge[executorch]'", "onnx": "pip install 'sfedge[onnx]'",
-                 "coreml": "pip install 'sfedge[coreml]'", "executorch-coreml": "pip install 'sfedge[executorch]'"}
+SESSION_MODULES = {name: info.session_module for name, info in BACKENDS.items()}
+INSTALL_HINTS = {name: info.install_hint for name, info in BACKENDS.items() if info.extra}
 
 
 def session_class(backend: str) -> type:

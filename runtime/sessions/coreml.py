@@ -22,7 +22,7 @@ import torch
 
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
-from sfedge.manifest import Component, Manifest
+from sfedge.manifest import Component, Manifest, artifact_path
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 
 MIN_MACOS = (15, 0)  # MLState (the KV cache) needs macOS 15 / iOS 18
@@ -33,10 +33,16 @@ def _macos_version() -> tuple:
     return tuple(int(p) for p in release.split(".")[:2]) if release else (0, 0)
 
 
+def alternative_export(manifest: Manifest, backend: str = "executorch") -> str:
+    """The command that exports the same model for a backend this machine runs."""
+    frames = manifest.export_options.get("frames")
+    return (f"sfedge export --backend {backend} --model {manifest.preset}{f' --frames {frames}' if frames else ''} "
+            f"--max-context {manifest.export_options.get('max_context')} --out <folder>")
+
+
 def require_macos(manifest: Manifest) -> None:
     """Raise the one-line explanation when this machine cannot run Core ML predictions."""
-    alternative = (f"sfedge export --backend executorch --preset {manifest.preset} "
-                   f"--max-context {manifest.export_options.get('max_context')} --out <folder>")
+    alternative = alternative_export(manifest)
     if sys.platform != "darwin":
         raise SfedgeError(f"Core ML prediction needs macOS 15+ (this is {platform.system() or sys.platform}); "
                           f"to run this model here export it for another backend: `{alternative}`")
@@ -74,7 +80,7 @@ class CoreMLSession(ModelSession):
         units = ct.ComputeUnit[options.provider] if options.provider else ct.ComputeUnit.ALL
 
         def load(component: Component, function: str | None = None):
-            path = str(folder / manifest.component(component).file)
+            path = str(artifact_path(folder, manifest.component(component).file))
             if function:
                 return ct.models.MLModel(path, compute_units=units, function_name=function)
             return ct.models.MLModel(path, compute_units=units)
@@ -82,7 +88,7 @@ class CoreMLSession(ModelSession):
         decoder = manifest.component(Component.TEXT_DECODER)
         models = {
             "vision_encoder": load(Component.VISION_ENCODER),
-            **{f"projector[{frames}]": ct.models.MLModel(str(folder / entry.file), compute_units=units)
+            **{f"projector[{frames}]": ct.models.MLModel(str(artifact_path(folder, entry.file)), compute_units=units)
                for frames, entry in manifest.projectors().items()},
             "embed": load(Component.TOKEN_EMBEDDING, manifest.component(Component.TOKEN_EMBEDDING).method),
             "prefill": load(Component.TEXT_DECODER, decoder.method),

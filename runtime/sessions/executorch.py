@@ -13,7 +13,7 @@ import torch
 
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
-from sfedge.manifest import Component, Manifest
+from sfedge.manifest import Component, Manifest, artifact_path
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 
 
@@ -64,7 +64,7 @@ class ExecuTorchSession(ModelSession):
 
     def _load(self, runtime, entry):
         if entry.file not in self._programs:
-            self._programs[entry.file] = runtime.load_program(str(self.folder / entry.file))
+            self._programs[entry.file] = runtime.load_program(str(artifact_path(self.folder, entry.file)))
         program = self._programs[entry.file]
         if entry.method not in program.method_names:
             raise SfedgeError(f"{self.folder / entry.file} has no method {entry.method!r} (it has: "

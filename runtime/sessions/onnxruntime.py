@@ -16,7 +16,7 @@ import torch
 
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
-from sfedge.manifest import Component, Manifest
+from sfedge.manifest import Component, Manifest, artifact_path
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
@@ -90,9 +90,9 @@ class OnnxRuntimeSession(ModelSession):
         session_options = ort.SessionOptions()
         if options.threads:
             session_options.intra_op_num_threads = int(options.threads)
-        graphs = {entry.component: _Graph(Path(folder) / entry.file, session_options, providers)
+        graphs = {entry.component: _Graph(artifact_path(folder, entry.file), session_options, providers)
                   for entry in manifest.components if entry.component != Component.PROJECTOR.value}
-        graphs.update({_projector_key(frames): _Graph(Path(folder) / entry.file, session_options, providers)
+        graphs.update({_projector_key(frames): _Graph(artifact_path(folder, entry.file), session_options, providers)
                        for frames, entry in manifest.projectors().items()})
         missing = {c.value for c in Component if c != Component.PROJECTOR} - set(graphs)
         if missing:

@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from sfedge.cli.common import add_model_arguments, add_weights_arguments, model_config, weights_source
-from sfedge.manifest import Backend
+from sfedge.backends import exportable
 
-_BACKENDS = [b.value for b in Backend if b is not Backend.EAGER]
+_BACKENDS = exportable()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sfedge.errors import SfedgeError
+from sfedge.manifest import contained_path
 
 RANDOM_LOGIT_STD = 3.0  # embedding std = this / sqrt(hidden): peaked next-token distributions
 
@@ -106,10 +107,10 @@ def _safetensors_files(path: Path, what: str) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()), key=str)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SfedgeError(f"{index} is not a valid safetensors index ({exc})") from None
-        return [path / shard for shard in shards]
+        return [contained_path(path, shard, str(index), "weight_map shard") for shard in shards]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SfedgeError(f"no .safetensors file in {what} folder {path}")
