@@ -3,6 +3,7 @@ manifest, into <out>/ (written to a temporary folder and renamed at the end)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from sfedge.cli.common import add_model_arguments, add_weights_arguments, model_config, weights_source
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sfedge.export.api import ExportOptions, export_model
+    from sfedge.export.common import Terminated
 
     frame_counts = args.frames or []
     args.frames = frame_counts[0] if frame_counts else None  # the first count is the folder's default
@@ -40,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
                             prefill_chunk=args.prefill_chunk, encoder_batch=args.encoder_batch,
                             overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target,
                             extra_frames=tuple(frame_counts[1:]))
-    manifest = export_model(model_config(args), weights_source(args), options, args.out)
+    try:
+        manifest = export_model(model_config(args), weights_source(args), options, args.out)
+    except Terminated:
+        print("sfedge export: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     for entry in manifest.components:
         print(f"{entry.component:<16} {entry.file:<32} {entry.bytes / 2**20:>9.2f} MiB  {entry.quantization}")
     print(f"wrote {args.out} ({manifest.backend}, recipe {manifest.recipe})", file=sys.stderr)
