@@ -35,7 +35,8 @@ def _macos_version() -> tuple:
 
 def alternative_export(manifest: Manifest, backend: str = "executorch") -> str:
     """The command that exports the same model for a backend this machine runs."""
-    frames = manifest.export_options.get("frames")
+    counts = manifest.export_options.get("frame_counts") or [manifest.export_options.get("frames")]
+    frames = ",".join(str(f) for f in counts if f)
     return (f"sfedge export --backend {backend} --model {manifest.preset}{f' --frames {frames}' if frames else ''} "
             f"--max-context {manifest.export_options.get('max_context')} --out <folder>")
 
