@@ -14,7 +14,8 @@ error. ``SFEDGE_VERIFY_CACHE=0`` turns it off (every open hashes every file).
 Accepted limit: a file rewritten in place with the same size, whose mtime AND ctime are both
 restored afterwards, keeps its cached verdict. Restoring ctime needs a change of the system clock or
 raw access to the block device (root); anyone who can do that can also rewrite the manifest. Turn
-the cache off (or delete the cache file) when that is in your threat model.
+the cache off (or delete the cache file) when that is in your threat model. The cache file is as
+trusted as the user's home: whoever can write it can record a verdict for any file.
 """
 from __future__ import annotations
 
