@@ -7,6 +7,8 @@ header is wrong (frames are counted by decoding, never taken from the header). S
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
@@ -57,7 +59,7 @@ def sample_uniform(timestamps: List[float], max_frames: int, fps: float = 0.0) -
 def sample_fps(timestamps: List[float], max_frames: int, fps: float = 1.0) -> FrameSample:
     """The paper's rule: one frame every 1/fps seconds (nearest decoded timestamp, so variable frame
     rate is handled); when that gives more than max_frames, fall back to uniform sampling."""
-    if fps <= 0:
+    if not math.isfinite(fps) or fps <= 0:
         raise UsageError(f"--sample-fps must be > 0, got {fps}")
     ts = np.asarray(timestamps)
     targets = np.arange(ts[0], ts[-1] + 1e-9, 1.0 / fps)
@@ -88,13 +90,17 @@ def resize_frame(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interpolation)
 
 
-def _check_file(path: Path) -> None:
+def check_video_file(path: str | Path) -> None:
+    """Cheap checks before any model is built: the path is a non-empty readable file."""
+    path = Path(path)
     if not path.exists():
         raise SfedgeError(f"video {path} does not exist")
     if path.is_dir():
         raise SfedgeError(f"video {path} is a folder; pass a video or image file")
     if path.stat().st_size == 0:
         raise SfedgeError(f"video {path} is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise SfedgeError(f"video {path} is not readable (permission denied)")
 
 
 def _open(path: Path):
@@ -154,7 +160,7 @@ def load_video(path: str | Path, frame_size: int, max_frames: int, policy: str =
     import cv2
 
     path = Path(path)
-    _check_file(path)
+    check_video_file(path)
     sampler = SAMPLING.get(policy)
     if max_frames < 1:
         raise UsageError(f"max frames must be >= 1, got {max_frames}")
