@@ -18,6 +18,7 @@ import numpy as np
 from sfedge.errors import SfedgeError, UsageError
 from sfedge.registry import Registry
 
+TEXT_CODECS = {b"ansi"}  # FFmpeg's tty demuxer "decodes" .txt/.nfo/.asc/... files as ANSI-art video
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -110,6 +111,10 @@ def _open(path: Path):
     if not capture.isOpened():
         raise SfedgeError(f"{path} is not a readable video (OpenCV/FFmpeg could not open it); "
                           "pass an mp4/mkv/avi/webm/mov video or a jpg/png image")
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC) or 0).to_bytes(4, "little")
+    if fourcc in TEXT_CODECS:
+        capture.release()
+        raise SfedgeError(f"{path} is a text file, not a video; pass an mp4/mkv/avi/webm/mov video or a jpg/png image")
     capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     return capture
 
@@ -165,7 +170,10 @@ def load_video(path: str | Path, frame_size: int, max_frames: int, policy: str =
     if max_frames < 1:
         raise UsageError(f"max frames must be >= 1, got {max_frames}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        try:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV's limit
+            raise SfedgeError(f"{path} is not a readable image ({str(exc).strip().splitlines()[-1]})") from None
         if bgr is None:
             raise SfedgeError(f"{path} is not a readable image")
         rgb = resize_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), frame_size)
