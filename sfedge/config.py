@@ -56,6 +56,9 @@ class SlowFastConfig:
     slow_kernel: int = 2  # pooling kernel and stride of the slow pathway
     fast_grid: Tuple[int, int] = (6, 6)  # adaptive average pool output of the fast pathway
     mlp_before_pool: bool = True  # v1 code and LLaVA-Video apply the MLP first (assumed for 1.5)
+    # T < N: True keeps N slow frames with repeated indices (v1's prepare_slowfast); False keeps the
+    # min(N, T) distinct frames (fewer tokens, not v1; sfedge's rule before v1-exact, `--no-slow-repeat`)
+    slow_repeat: bool = True
 
     @property
     def spec(self) -> str:
@@ -64,13 +67,15 @@ class SlowFastConfig:
         return f"slowfast-slow_{self.slow_frames}frms_{pool}-fast_{self.fast_grid[0]}x{self.fast_grid[1]}"
 
     def effective_slow_frames(self, frames: int) -> int:
-        """Always N, as in the v1 code: with fewer sampled frames than N, slow frames repeat."""
-        return self.slow_frames
+        """N, as in the v1 code (with fewer sampled frames than N, slow frames repeat); min(N, T)
+        without ``slow_repeat``."""
+        return self.slow_frames if self.slow_repeat else min(self.slow_frames, frames)
 
     def slow_indices(self, frames: int) -> list[int]:
         """v1 code (``prepare_slowfast``), bit for bit: ``torch.linspace(0, T, N + 1).to(torch.int32)[:-1]``.
 
-        N indices for any T: when T < N indices repeat (T=7, N=10: [0,0,1,2,2,3,4,4,5,6])."""
+        N indices for any T: when T < N indices repeat (T=7, N=10: [0,0,1,2,2,3,4,4,5,6]); without
+        ``slow_repeat``, min(N, T) indices (all T frames once)."""
         import torch  # float32 linspace rounding is part of the v1 semantics
 
         n = self.effective_slow_frames(frames)
@@ -112,7 +117,7 @@ def _check_positive(section: str, config, names: Tuple[str, ...]) -> None:
 _SPEC_RE = re.compile(r"^slowfast-slow_(\d+)frms_(\w+?)(\d*)-fast_(\d+)x(\d+)$")
 
 
-def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True) -> SlowFastConfig:
+def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True, slow_repeat: bool = True) -> SlowFastConfig:
     """Parse an SF-LLaVA spec such as ``slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4``.
 
     Grammar: ``slowfast-slow_{N}frms_{POOL}[{K}]-fast_{A}x{B}`` with POOL one of SLOW_POOLS;
@@ -132,6 +137,7 @@ def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True) ->
         slow_kernel=int(kernel) if kernel else 2,
         fast_grid=(int(fa), int(fb)),
         mlp_before_pool=mlp_before_pool,
+        slow_repeat=slow_repeat,
     )
 
 
@@ -186,13 +192,16 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
 
-    def with_slowfast(self, frames: int | None = None, spec: str | None = None) -> "ModelConfig":
-        """Apply ``--frames`` and ``--slowfast`` on top of the preset."""
+    def with_slowfast(self, frames: int | None = None, spec: str | None = None,
+                      slow_repeat: bool | None = None) -> "ModelConfig":
+        """Apply ``--frames``, ``--slowfast`` and ``--no-slow-repeat`` on top of the preset."""
         slowfast = self.slowfast
         if spec:
-            slowfast = parse_slowfast_spec(spec, frames or slowfast.frames, slowfast.mlp_before_pool)
+            slowfast = parse_slowfast_spec(spec, frames or slowfast.frames, slowfast.mlp_before_pool, slowfast.slow_repeat)
         elif frames:
             slowfast = dataclasses.replace(slowfast, frames=frames)
+        if slow_repeat is not None:
+            slowfast = dataclasses.replace(slowfast, slow_repeat=slow_repeat)
         return self.replace(slowfast=slowfast)
 
     def to_dict(self) -> dict:
@@ -209,6 +218,7 @@ class ModelConfig:
             llm["special_tokens"] = tuple(tuple(pair) for pair in llm["special_tokens"])
             slowfast = dict(data["slowfast"])
             slowfast["fast_grid"] = tuple(slowfast["fast_grid"])
+            slowfast.setdefault("slow_repeat", False)  # folders exported before the field kept min(N, T) slow frames
             config = ModelConfig(
                 name=str(data["name"]),
                 vision=VisionConfig(**data["vision"]),

@@ -76,3 +76,9 @@ def test_base_model_folder_still_stops_at_im_end(tmp_path, eos, with_tokenizer):
 def test_instruct_folder_eos_is_unchanged(tmp_path):
     llm = llm_config_from_hf(str(_hf_folder(tmp_path, [2, 0], True)), TINY_LLM)
     assert llm.eos_ids == (2, 0)
+
+
+def test_generation_config_eos_ids_are_read(tmp_path):
+    folder = _hf_folder(tmp_path, 2, False)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    assert llm_config_from_hf(str(folder), TINY_LLM).eos_ids == (2, 0)

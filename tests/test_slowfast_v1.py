@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sfedge.budget import compute_budget
 from sfedge.cli import main
-from sfedge.config import get_preset, parse_slowfast_spec
+from sfedge.config import ModelConfig, get_preset, parse_slowfast_spec
 from sfedge.models.projector import SlowFastProjector
 
 
@@ -74,3 +74,40 @@ def test_short_video_end_to_end_uses_n_slow_frames(capsys, demo_video):
                  "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 0 and "visual tokens 12 " in err
+
+
+# --- the named non-v1 option: --no-slow-repeat (SlowFastConfig.slow_repeat = False) ---------------
+
+@pytest.mark.parametrize("frames,slow", [(7, 10), (16, 32), (32, 32), (50, 10)])
+def test_no_slow_repeat_keeps_each_frame_once(frames, slow):
+    sf = parse_slowfast_spec(f"slowfast-slow_{slow}frms_spatial_2d_avg_pool-fast_2x2", frames, slow_repeat=False)
+    assert sf.slow_indices(frames) == v1_slow_indices(frames, min(frames, slow))
+
+
+def test_no_slow_repeat_budget_and_cli(capsys):
+    assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "16", "--no-slow-repeat", "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)
+    assert (budget["slow_frames"], budget["visual_tokens"]) == (16, 16 * 144 + 16 * 36)  # 2,880
+    spec = get_preset("sf-llava-1.5-1b").with_slowfast(7, "slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4", False)
+    assert compute_budget(spec, 0).slow_frames == 7
+
+
+def test_no_slow_repeat_projector_shape():
+    tiny = get_preset("tiny").with_slowfast(1, slow_repeat=False)
+    projector = SlowFastProjector(tiny.slowfast, tiny.vision.width, tiny.llm.hidden, tiny.vision.grid).eval()
+    with torch.no_grad():
+        out = projector(torch.randn(1, tiny.vision.grid ** 2, tiny.vision.width))
+    assert out.shape[0] == projector.visual_tokens(1) == 4 + 4  # one slow frame (2x2) + one fast frame (2x2)
+
+
+def test_manifest_config_without_the_field_reads_as_the_old_rule():
+    """Folders exported before v1-exact SlowFast hold projectors of min(N, T) slow frames."""
+    data = get_preset("tiny").with_slowfast(1).to_dict()
+    assert ModelConfig.from_dict(data).slowfast.slow_repeat is True
+    del data["slowfast"]["slow_repeat"]
+    assert ModelConfig.from_dict(data).slowfast.slow_repeat is False
+
+
+def test_no_slow_repeat_is_refused_with_an_artifact_folder(capsys, tmp_path):
+    code = main(["run", str(tmp_path), "--video", "x.mp4", "--prompt", "hi", "--no-slow-repeat"])
+    assert code == 2 and "not both" in capsys.readouterr().err

@@ -78,6 +78,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
         group.add_argument("--frames", type=positive_int, help="frames sampled per video (default: the preset's)")
     group.add_argument("--slowfast", metavar="SPEC",
                        help="SF-LLaVA spec, e.g. slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4")
+    group.add_argument("--no-slow-repeat", dest="slow_repeat", action="store_false",
+                       help="with fewer frames than the spec's N slow frames, keep each frame once (min(N, T) slow "
+                            "frames, fewer tokens) instead of the v1 code's N slow frames with repeats")
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +97,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     config = get_preset(args.model)
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames must be >= 1, got {args.frames}")
-    return config.with_slowfast(args.frames, args.slowfast)
+    return config.with_slowfast(args.frames, args.slowfast, None if args.slow_repeat else False)
 
 
 def weights_source(args: argparse.Namespace) -> WeightsSource:

@@ -38,8 +38,9 @@ def build_pipeline(args: argparse.Namespace):
     from sfedge.runtime.video import check_video_file
 
     if args.artifacts:
-        if args.model or args.llm or args.vision or args.projector or args.slowfast:
-            raise UsageError("pass either an artifact folder or --model/--slowfast/--llm/--vision/--projector, not both")
+        if args.model or args.llm or args.vision or args.projector or args.slowfast or not args.slow_repeat:
+            raise UsageError("pass either an artifact folder or --model/--slowfast/--no-slow-repeat/--llm/--vision/"
+                             "--projector, not both")
         if args.max_context is not None:
             raise UsageError("--max-context applies to the eager model (--model); an export's context is fixed at export")
         from sfedge.prompt import tokenize_prompt

@@ -34,6 +34,22 @@ def _check_positive(cfg: dict, path: Path) -> None:
             raise SfedgeError(f"{path} has {name} = {value!r}; expected a positive integer")
 
 
+def _eos_list(value) -> tuple:
+    return tuple(int(i) for i in value) if isinstance(value, list) else (int(value),)
+
+
+def _generation_eos(path: Path) -> tuple:
+    """generation_config.json's eos_token_id (what transformers' generate stops at), when present."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return ()
+    value = _read_json(file).get("eos_token_id")
+    try:
+        return () if value is None else _eos_list(value)
+    except (TypeError, ValueError):
+        raise SfedgeError(f"{file} has a bad eos_token_id {value!r}") from None
+
+
 def with_turn_end_eos(eos_ids: tuple, special_tokens: tuple) -> tuple:
     """A base (non-instruct) Qwen config names only <|endoftext|> as EOS; the ChatML template ends the
     answer with <|im_end|>, so that id is always an EOS id too."""
@@ -54,7 +70,7 @@ def llm_config_from_hf(folder: str, base: LLMConfig) -> LLMConfig:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id", list(base.eos_ids))
-        eos_ids = tuple(int(i) for i in eos) if isinstance(eos, list) else (int(eos),)
+        eos_ids = tuple(dict.fromkeys(_eos_list(eos) + _generation_eos(path)))
         rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", base.rope_theta)
         llm = dataclasses.replace(
             base,
