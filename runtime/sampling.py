@@ -1,6 +1,7 @@
 """Next-token choice: greedy by default, temperature + top-p (nucleus) with a seeded generator."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,9 +17,9 @@ class SamplingConfig:
     seed: Optional[int] = None
 
     def validate(self) -> "SamplingConfig":
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         return self
 

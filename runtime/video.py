@@ -7,6 +7,8 @@ header is wrong (frames are counted by decoding, never taken from the header). S
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List
@@ -16,6 +18,7 @@ import numpy as np
 from sfedge.errors import SfedgeError, UsageError
 from sfedge.registry import Registry
 
+TEXT_CODECS = {b"ansi"}  # FFmpeg's tty demuxer "decodes" .txt/.nfo/.asc/... files as ANSI-art video
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -57,7 +60,7 @@ def sample_uniform(timestamps: List[float], max_frames: int, fps: float = 0.0) -
 def sample_fps(timestamps: List[float], max_frames: int, fps: float = 1.0) -> FrameSample:
     """The paper's rule: one frame every 1/fps seconds (nearest decoded timestamp, so variable frame
     rate is handled); when that gives more than max_frames, fall back to uniform sampling."""
-    if fps <= 0:
+    if not math.isfinite(fps) or fps <= 0:
         raise UsageError(f"--sample-fps must be > 0, got {fps}")
     ts = np.asarray(timestamps)
     targets = np.arange(ts[0], ts[-1] + 1e-9, 1.0 / fps)
@@ -88,13 +91,17 @@ def resize_frame(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interpolation)
 
 
-def _check_file(path: Path) -> None:
+def check_video_file(path: str | Path) -> None:
+    """Cheap checks before any model is built: the path is a non-empty readable file."""
+    path = Path(path)
     if not path.exists():
         raise SfedgeError(f"video {path} does not exist")
     if path.is_dir():
         raise SfedgeError(f"video {path} is a folder; pass a video or image file")
     if path.stat().st_size == 0:
         raise SfedgeError(f"video {path} is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise SfedgeError(f"video {path} is not readable (permission denied)")
 
 
 def _open(path: Path):
@@ -104,6 +111,10 @@ def _open(path: Path):
     if not capture.isOpened():
         raise SfedgeError(f"{path} is not a readable video (OpenCV/FFmpeg could not open it); "
                           "pass an mp4/mkv/avi/webm/mov video or a jpg/png image")
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC) or 0).to_bytes(4, "little")
+    if fourcc in TEXT_CODECS:
+        capture.release()
+        raise SfedgeError(f"{path} is a text file, not a video; pass an mp4/mkv/avi/webm/mov video or a jpg/png image")
     capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     return capture
 
@@ -154,12 +165,15 @@ def load_video(path: str | Path, frame_size: int, max_frames: int, policy: str =
     import cv2
 
     path = Path(path)
-    _check_file(path)
+    check_video_file(path)
     sampler = SAMPLING.get(policy)
     if max_frames < 1:
         raise UsageError(f"max frames must be >= 1, got {max_frames}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        try:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV's limit
+            raise SfedgeError(f"{path} is not a readable image ({str(exc).strip().splitlines()[-1]})") from None
         if bgr is None:
             raise SfedgeError(f"{path} is not a readable image")
         rgb = resize_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), frame_size)

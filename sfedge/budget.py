@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from sfedge.config import ModelConfig
+from sfedge.errors import SfedgeError, UsageError
 
 KV_BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
 DEFAULT_QUESTION = "What happens in the video?"
@@ -59,6 +60,24 @@ def compute_budget(config: ModelConfig, text_tokens: int, frames: Optional[int] 
         fits_context=total <= context,
         kv_cache_bytes={name: total * config.llm.kv_bytes_per_token(b) for name, b in KV_BYTES_PER_VALUE.items()},
     )
+
+
+def check_prompt_fits(config: ModelConfig, frames: Optional[int], max_context: int, text_tokens: int = 0) -> TokenBudget:
+    """The budget of ``frames`` frames plus ``text_tokens`` template text tokens, or an SfedgeError when
+    the prompt leaves no room for one new token in ``max_context`` (a UsageError for frames or
+    max_context below 1). Pure arithmetic: call it before decoding any frame. ``max_context`` is the
+    session's KV-cache length (an export's may differ from the model's)."""
+    if frames is not None and frames < 1:
+        raise UsageError(f"--frames must be >= 1, got {frames}")
+    if max_context < 1:
+        raise UsageError(f"--max-context must be >= 1, got {max_context}")
+    budget = compute_budget(config, text_tokens, frames=frames, context=max_context)
+    if budget.prompt_tokens >= max_context:
+        raise SfedgeError(
+            f"the prompt needs {budget.prompt_tokens:,} tokens ({budget.visual_tokens:,} visual for {budget.frames:,} frames + "
+            f"{text_tokens:,} text) but the context holds {max_context:,}; use fewer frames (--frames), "
+            f"a shorter --prompt, a lighter --slowfast spec or a larger --max-context")
+    return budget
 
 
 def template_text_tokens(config: ModelConfig, question: str = DEFAULT_QUESTION, llm_dir: Optional[str] = None) -> int:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-from sfedge.errors import UsageError
+from sfedge.errors import SfedgeError, UsageError
 
 SLOW_POOLS = ("concat", "spatial_1d_max_pool", "spatial_1d_avg_pool", "spatial_2d_max_pool", "spatial_2d_avg_pool")
 
@@ -39,6 +39,7 @@ class VisionConfig:
         return self.grid * self.grid
 
     def validate(self) -> None:
+        _check_positive("vision", self, ("patch_size", "width", "depth", "heads", "mlp_dim", "pos_grid", "frame_size"))
         if self.frame_size % self.patch_size:
             raise UsageError(f"frame size {self.frame_size} is not a multiple of patch size {self.patch_size}")
         if self.width % self.heads:
@@ -55,6 +56,9 @@ class SlowFastConfig:
     slow_kernel: int = 2  # pooling kernel and stride of the slow pathway
     fast_grid: Tuple[int, int] = (6, 6)  # adaptive average pool output of the fast pathway
     mlp_before_pool: bool = True  # v1 code and LLaVA-Video apply the MLP first (assumed for 1.5)
+    # T < N: True keeps N slow frames with repeated indices (v1's prepare_slowfast); False keeps the
+    # min(N, T) distinct frames (fewer tokens, not v1; sfedge's rule before v1-exact, `--no-slow-repeat`)
+    slow_repeat: bool = True
 
     @property
     def spec(self) -> str:
@@ -63,10 +67,15 @@ class SlowFastConfig:
         return f"slowfast-slow_{self.slow_frames}frms_{pool}-fast_{self.fast_grid[0]}x{self.fast_grid[1]}"
 
     def effective_slow_frames(self, frames: int) -> int:
-        return min(self.slow_frames, frames)
+        """N, as in the v1 code (with fewer sampled frames than N, slow frames repeat); min(N, T)
+        without ``slow_repeat``."""
+        return self.slow_frames if self.slow_repeat else min(self.slow_frames, frames)
 
     def slow_indices(self, frames: int) -> list[int]:
-        """v1 code, bit for bit: ``torch.linspace(0, T, N + 1).to(torch.int32)[:-1]``."""
+        """v1 code (``prepare_slowfast``), bit for bit: ``torch.linspace(0, T, N + 1).to(torch.int32)[:-1]``.
+
+        N indices for any T: when T < N indices repeat (T=7, N=10: [0,0,1,2,2,3,4,4,5,6]); without
+        ``slow_repeat``, min(N, T) indices (all T frames once)."""
         import torch  # float32 linspace rounding is part of the v1 semantics
 
         n = self.effective_slow_frames(frames)
@@ -87,6 +96,9 @@ class SlowFastConfig:
     def validate(self, grid: int) -> None:
         if self.slow_pool not in SLOW_POOLS:
             raise UsageError(f"unknown slow pooling {self.slow_pool!r}; known: {', '.join(SLOW_POOLS)}")
+        _check_positive("slowfast", self, ("frames", "slow_frames", "slow_kernel"))
+        if len(self.fast_grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) for g in self.fast_grid):
+            raise UsageError(f"slowfast.fast_grid = {self.fast_grid!r}; expected two positive integers")
         if self.frames < 1 or self.slow_frames < 1:
             raise UsageError(f"frames ({self.frames}) and slow frames ({self.slow_frames}) must be >= 1")
         if self.slow_kernel < 1 or (self.slow_pool.startswith("spatial_2d") and self.slow_kernel > grid):
@@ -95,10 +107,17 @@ class SlowFastConfig:
             raise UsageError(f"fast grid {self.fast_grid[0]}x{self.fast_grid[1]} does not fit a {grid}x{grid} patch grid")
 
 
+def _check_positive(section: str, config, names: Tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{section}.{name} = {value!r}; expected a positive integer")
+
+
 _SPEC_RE = re.compile(r"^slowfast-slow_(\d+)frms_(\w+?)(\d*)-fast_(\d+)x(\d+)$")
 
 
-def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True) -> SlowFastConfig:
+def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True, slow_repeat: bool = True) -> SlowFastConfig:
     """Parse an SF-LLaVA spec such as ``slowfast-slow_10frms_spatial_1d_max_pool-fast_4x4``.
 
     Grammar: ``slowfast-slow_{N}frms_{POOL}[{K}]-fast_{A}x{B}`` with POOL one of SLOW_POOLS;
@@ -118,6 +137,7 @@ def parse_slowfast_spec(spec: str, frames: int, mlp_before_pool: bool = True) ->
         slow_kernel=int(kernel) if kernel else 2,
         fast_grid=(int(fa), int(fb)),
         mlp_before_pool=mlp_before_pool,
+        slow_repeat=slow_repeat,
     )
 
 
@@ -148,6 +168,8 @@ class LLMConfig:
         return int(2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value)
 
     def validate(self) -> None:
+        _check_positive("llm", self, ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab_size",
+                                      "max_context"))
         if self.heads % self.kv_heads:
             raise UsageError(f"LLM heads ({self.heads}) must be a multiple of kv heads ({self.kv_heads})")
 
@@ -170,33 +192,49 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
 
-    def with_slowfast(self, frames: int | None = None, spec: str | None = None) -> "ModelConfig":
-        """Apply ``--frames`` and ``--slowfast`` on top of the preset."""
+    def with_slowfast(self, frames: int | None = None, spec: str | None = None,
+                      slow_repeat: bool | None = None) -> "ModelConfig":
+        """Apply ``--frames``, ``--slowfast`` and ``--no-slow-repeat`` on top of the preset."""
         slowfast = self.slowfast
         if spec:
-            slowfast = parse_slowfast_spec(spec, frames or slowfast.frames, slowfast.mlp_before_pool)
+            slowfast = parse_slowfast_spec(spec, frames or slowfast.frames, slowfast.mlp_before_pool, slowfast.slow_repeat)
         elif frames:
             slowfast = dataclasses.replace(slowfast, frames=frames)
+        if slow_repeat is not None:
+            slowfast = dataclasses.replace(slowfast, slow_repeat=slow_repeat)
         return self.replace(slowfast=slowfast)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @staticmethod
-    def from_dict(data: dict) -> "ModelConfig":
-        llm = dict(data["llm"])
-        llm["eos_ids"] = tuple(llm["eos_ids"])
-        llm["special_tokens"] = tuple(tuple(pair) for pair in llm["special_tokens"])
-        slowfast = dict(data["slowfast"])
-        slowfast["fast_grid"] = tuple(slowfast["fast_grid"])
-        return ModelConfig(
-            name=data["name"],
-            vision=VisionConfig(**data["vision"]),
-            slowfast=SlowFastConfig(**slowfast),
-            llm=LLMConfig(**llm),
-            tokenizer=data.get("tokenizer", "qwen2.5"),
-            prompt_template=data.get("prompt_template", "qwen-chatml"),
-        ).validate()
+    def from_dict(data: dict, source: str = "the manifest's model_config") -> "ModelConfig":
+        """A config written by ``to_dict``; anything else is an SfedgeError naming ``source``."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, expected an object")
+            llm = dict(data["llm"])
+            llm["eos_ids"] = tuple(llm["eos_ids"])
+            llm["special_tokens"] = tuple(tuple(pair) for pair in llm["special_tokens"])
+            slowfast = dict(data["slowfast"])
+            slowfast["fast_grid"] = tuple(slowfast["fast_grid"])
+            slowfast.setdefault("slow_repeat", False)  # folders exported before the field kept min(N, T) slow frames
+            config = ModelConfig(
+                name=str(data["name"]),
+                vision=VisionConfig(**data["vision"]),
+                slowfast=SlowFastConfig(**slowfast),
+                llm=LLMConfig(**llm),
+                tokenizer=data.get("tokenizer", "qwen2.5"),
+                prompt_template=data.get("prompt_template", "qwen-chatml"),
+            )
+        except KeyError as exc:
+            raise SfedgeError(f"{source} lacks the field {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise SfedgeError(f"{source} is malformed ({exc})") from None
+        try:
+            return config.validate()
+        except UsageError as exc:
+            raise SfedgeError(f"{source}: {exc}") from None
 
 
 # --- presets: the true shapes of MODEL.md, plus the tiny twin ---------------------------------

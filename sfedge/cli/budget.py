@@ -6,14 +6,14 @@ import argparse
 import json
 
 from sfedge.budget import DEFAULT_QUESTION, compute_budget, format_budget, template_text_tokens
-from sfedge.cli.common import add_model_arguments, model_config
+from sfedge.cli.common import add_model_arguments, model_config, non_negative_int, positive_int, prompt_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default=DEFAULT_QUESTION, help="question used to count template text tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="tokens to reserve for the answer")
-    parser.add_argument("--context", type=int, help="context to check against (default: the model's)")
+    parser.add_argument("--prompt", default=DEFAULT_QUESTION, type=prompt_text, help="question used to count template text tokens")
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="tokens to reserve for the answer")
+    parser.add_argument("--context", type=positive_int, help="context to check against (default: the model's)")
     parser.add_argument("--llm", metavar="DIR", help="take the tokenizer (and LLM shape) from this Hugging Face folder")
     parser.add_argument("--json", action="store_true", help="print JSON")
 

@@ -6,8 +6,9 @@ import argparse
 import signal
 import sys
 
-from sfedge.cli.common import add_model_arguments, add_weights_arguments, model_config, weights_source
 from sfedge.backends import exportable
+from sfedge.cli.common import add_model_arguments, add_weights_arguments, model_config, positive_int, weights_source
+from sfedge.errors import UsageError
 
 _BACKENDS = exportable()
 
@@ -22,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", required=True, choices=_BACKENDS)
     group.add_argument("--quant", default=defaults.recipe, metavar="RECIPE",
                        help="quantization recipe of the backend (see docs/<backend>.md; fp32 is the baseline)")
-    group.add_argument("--max-context", type=int, help="KV-cache length (default: the token budget + 512, rounded up)")
-    group.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk, help="largest prefill chunk")
-    group.add_argument("--encoder-batch", type=int, default=defaults.encoder_batch, help="frames per vision-encoder call")
+    group.add_argument("--max-context", type=positive_int, help="KV-cache length (default: the token budget + 512, rounded up)")
+    group.add_argument("--prefill-chunk", type=positive_int, default=defaults.prefill_chunk, help="largest prefill chunk")
+    group.add_argument("--encoder-batch", type=positive_int, default=defaults.encoder_batch, help="frames per vision-encoder call")
     group.add_argument("--coreml-target", default=defaults.coreml_target, metavar="TARGET",
                        help="coreml: minimum deployment target of the vision encoder and projector (the stateful LLM needs iOS18)")
     group.add_argument("--out", required=True, help="output folder")
@@ -42,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
                             prefill_chunk=args.prefill_chunk, encoder_batch=args.encoder_batch,
                             overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target,
                             extra_frames=tuple(frame_counts[1:]))
+    config = model_config(args)
+    if args.max_context is not None:
+        from sfedge.models import resolve_config
+
+        context = resolve_config(config, weights_source(args)).llm.max_context
+        if args.max_context > context:
+            raise UsageError(f"--max-context {args.max_context:,} exceeds model {config.name}'s context of {context:,} tokens")
     try:
-        manifest = export_model(model_config(args), weights_source(args), options, args.out)
+        manifest = export_model(config, weights_source(args), options, args.out)
     except Terminated:
         print("sfedge export: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
         return 128 + signal.SIGTERM
