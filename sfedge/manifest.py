@@ -109,6 +109,8 @@ class Manifest:
 
     @staticmethod
     def from_dict(data: dict, source: str = "manifest") -> "Manifest":
+        if not isinstance(data, dict):
+            raise SfedgeError(f"{source} holds a JSON {type(data).__name__}, not an object: it is not an sfedge manifest (re-export the model)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise SfedgeError(f"{source} has schema_version {version!r}; this sfedge reads version {SCHEMA_VERSION}: re-export the model")

@@ -151,6 +151,24 @@ def _zero_llm_heads(data: dict) -> None:
     data["model_config"]["llm"]["heads"] = 0
 
 
+def _point_outside(data: dict) -> None:
+    """The projector entry names a file outside the folder (with its real sha256)."""
+    for entry in data["components"]:
+        if entry["component"] == "projector":
+            entry["file"] = "../outside_projector.onnx"
+
+
+def _escape_projector(folder: Path) -> None:
+    shutil.copy(folder / "projector.onnx", folder.parent / "outside_projector.onnx")
+    _edit_manifest(_point_outside)(folder)
+
+
+def _symlink_outside(folder: Path) -> None:
+    target = folder.parent / "outside_projector.onnx"
+    shutil.move(str(folder / "projector.onnx"), target)
+    (folder / "projector.onnx").symlink_to(target)
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -249,6 +267,12 @@ ROWS = [
     Row("artifacts-and-model", ART + ("--model", "tiny"), 2, "not both"),
     Row("artifacts-frames-not-exported", ART + ("--frames", "5"), 1, "has projectors for 8 frames, not 5"),
     Row("artifacts-max-context", ART + ("--max-context", "64"), 2, "--max-context applies to the eager model"),
+    Row("artifacts-manifest-json-list", ART, 1, "holds a JSON list", lambda f: (f / "manifest.json").write_text("[]")),
+    Row("artifacts-path-escapes-folder", ART, 1, "outside_projector.onnx", _escape_projector),
+    Row("artifacts-path-escapes-folder-no-verify", ART + ("--no-verify",), 1, "outside_projector.onnx", _escape_projector),
+    Row("artifacts-symlink-leaves-folder", ART, 1, "projector.onnx", _symlink_outside),
+    Row("artifacts-absolute-path", ART, 1, "/etc/passwd", _edit_manifest(
+        lambda d: [e.update(file="/etc/passwd") for e in d["components"] if e["component"] == "projector"] and None)),
 ]
 
 
