@@ -17,7 +17,7 @@ cached at p and after.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -63,6 +63,7 @@ class VideoChat:
         self.last_stats = RunStats()
         self.question_stats: List[RunStats] = []
         self.reused_tokens: List[int] = []  # per question: tokens after the prefix that were not re-fed
+        self.last_answer_ids: List[int] = []  # the token ids of the last answer
         self.last_logits: Optional[torch.Tensor] = None  # the logits the last question's first token came from
         self._source = None  # (video sha256, VideoOptions, frames) when opened from a file: binds chat.save
         if visual is not None:
@@ -105,9 +106,11 @@ class VideoChat:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def ask(self, question: str, follow_up: bool = False, max_new_tokens: int = 64,
-            sampling: SamplingConfig = SamplingConfig(), clock_start: Optional[float] = None) -> Iterator[str]:
+            sampling: SamplingConfig = SamplingConfig(), clock_start: Optional[float] = None,
+            eos_ids: Optional[Sequence[int]] = None) -> Iterator[str]:
         """Yield the answer's text; ``self.last_stats`` holds this question's timings (TTFT from the call, or
-        from ``clock_start``, a now_ms() value, when given)."""
+        from ``clock_start``, a now_ms() value, when given). ``eos_ids``: default the model's (the benchmark
+        passes () to decode a fixed number of tokens)."""
         if self.visual is None:
             raise SfedgeError("no video prefix yet: no frame has been encoded")
         if max_new_tokens < 1:
@@ -141,11 +144,14 @@ class VideoChat:
         self.reused_tokens.append(reuse)
         self.question_stats.append(stats)
         self.conversation = list(target)
+        self.last_answer_ids: List[int] = []
         text = TextStream(self.tokenizer)
         position = self.prefix_length + len(target)
         for token in decode_tokens(self.session, logits, position, Sampler(sampling), max_new_tokens,
-                                   self.pipeline.config.llm.eos_ids, stats, fed=self.cached):
+                                   self.pipeline.config.llm.eos_ids if eos_ids is None else eos_ids, stats,
+                                   fed=self.cached):
             self.conversation.append(token)
+            self.last_answer_ids.append(token)
             piece = text.push(token)
             if piece:
                 yield piece

@@ -33,7 +33,9 @@ KV_PREFIX = "kv."
 def model_fingerprint(config_dict: dict, backend: str, extra: dict) -> str:
     """sha256 over what makes a prefix's visual tokens and KV cache: the model config, the backend and
     the weights (an artifact folder's manifest, which holds every file's sha256; or the eager weights source)."""
-    text = json.dumps({"config": config_dict, "backend": backend, **extra}, sort_keys=True, default=str)
+    config = dict(config_dict, slowfast={k: v for k, v in config_dict.get("slowfast", {}).items() if k != "frames"})
+    # the default frame count is not part of the model (the key checks the frames actually sampled)
+    text = json.dumps({"config": config, "backend": backend, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Deque, Iterable, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Deque, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ class VideoStream:
         return torch.stack(features)
 
     def ask(self, question: str, follow_up: bool = False, max_new_tokens: int = 64,
-            sampling: SamplingConfig = SamplingConfig()) -> Iterator[str]:
+            sampling: SamplingConfig = SamplingConfig(), eos_ids: Optional[Sequence[int]] = None) -> Iterator[str]:
         """Answer about the current window; ``self.chat.last_stats`` holds the timings (TTFT from this call,
         including the projector and the prefix prefill when the window changed)."""
         start = now_ms()
@@ -189,7 +189,7 @@ class VideoStream:
                 self._prefix_version = self._version
                 follow_up = False  # a new window is a new prefix
             prefix_prefill_ms, projector_ms = stats.prefill_ms, stats.projector_ms
-            yield from self.chat.ask(question, follow_up, max_new_tokens, sampling, clock_start=start)
+            yield from self.chat.ask(question, follow_up, max_new_tokens, sampling, clock_start=start, eos_ids=eos_ids)
             asked = self.chat.last_stats
             asked.projector_ms = projector_ms
             asked.prefill_ms += prefix_prefill_ms
