@@ -78,14 +78,21 @@ class VideoChat:
         if self.prefix_length >= self.session.max_context:
             raise SfedgeError(f"the video prefix needs {self.prefix_length} tokens ({visual.shape[0]} visual) but the "
                               f"context holds {self.session.max_context}; use fewer frames or a larger --max-context")
+        self.conversation = []
+        return self._fill_prefix(kv)
+
+    def _fill_prefix(self, kv: Optional[dict] = None) -> float:
+        """Write the prefix into the session's KV cache and take ownership of it (another chat on the same
+        pipeline, or a single-shot ``Pipeline.stream``, may have overwritten it since)."""
         start = now_ms()
         if kv is not None:
             self.session.load_kv(kv, self.prefix_length)
         else:
             self.session.reset()
             before = self.session.embed(torch.tensor(self.before, dtype=torch.long))
-            prefill(self.session, torch.cat([before, visual.to(before.dtype)]))
-        self.conversation, self.cached = [], []
+            prefill(self.session, torch.cat([before, self.visual.to(before.dtype)]))
+        self.cached = []
+        self.pipeline.kv_owner = self
         return now_ms() - start
 
     def reset(self) -> None:
@@ -128,6 +135,8 @@ class VideoChat:
                               + (f" and the conversation ({len(history)})" if history else "")
                               + ("; call reset() (/reset) or ask without follow-up" if history else "; use fewer frames"))
         target = history + turn
+        if self.pipeline.kv_owner is not self:  # the session's cache holds another conversation: refill the prefix
+            stats.prefill_ms += self._fill_prefix()
         reuse = min(common_prefix(self.cached, target), len(target) - 1)
         stats.token_encode_end_ms = now_ms()
         start = now_ms()
@@ -138,7 +147,7 @@ class VideoChat:
         logits = prefill(self.session, embeds, self.prefix_length + reuse)
         self.last_logits = logits
         self.cached = list(target)
-        stats.prefill_ms = now_ms() - start
+        stats.prefill_ms += now_ms() - start
         stats.prompt_eval_end_ms = now_ms()
         stats.num_prompt_tokens = len(target) - reuse
         self.reused_tokens.append(reuse)

@@ -44,6 +44,7 @@ class Pipeline:
         self.config: ModelConfig = session.config
         self.load_ms = load_ms
         self.last_stats = RunStats()
+        self.kv_owner = None  # the VideoChat whose prefix the session's KV cache holds (runtime/chat.py)
         # what a saved video prefix is bound to (runtime/prefix_cache.py)
         self.fingerprint = fingerprint or model_fingerprint(self.config.to_dict(), session.backend, {})
 
@@ -170,6 +171,7 @@ class Pipeline:
         self.last_stats = stats
         stats.inference_start_ms = now_ms()
         embeds = self.prepare(video_path, question, video, stats)
+        self.kv_owner = None  # generate() starts the cache over
         text = TextStream(self.tokenizer)
         for token in generate(self.session, embeds, Sampler(sampling), max_new_tokens, self.config.llm.eos_ids, stats):
             piece = text.push(token)
