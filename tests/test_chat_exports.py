@@ -21,12 +21,6 @@ SAMPLED = SamplingConfig(temperature=2.0, seed=3)
 MAX_CONTEXT, CHUNK = 192, 32
 TOLERANCE = 1e-3  # fp32 exports against eager (the parity checks' fp32 tolerance is of this order)
 BACKENDS = {"onnx": "onnx", "executorch": "executorch.runtime"}
-# Found while writing this test (2026-11-30): running llm.pte's token_embedding method changes the
-# text_decoder method's KV cache (the two methods' planned memory overlaps), so on ExecuTorch any
-# embed() between decode() calls -- a question after the video prefix, and every decode step of
-# plain generation -- reads a corrupted cache. Strict: this fails loudly once the export is fixed.
-ET_EMBED_CLOBBERS_KV = pytest.mark.xfail(strict=True, reason="ExecuTorch llm.pte: token_embedding overwrites the "
-                                                             "text_decoder's KV cache (shared planned memory)")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,10 @@ def folders(tmp_path_factory):
 
 
 def test_executorch_embed_leaves_the_kv_cache_alone(folders):
-    """The finding above, isolated: a decode after an embed() call equals one without it."""
+    """Methods loaded from one ExecuTorch Program share its planned memory: running llm.pte's token_embedding
+    used to overwrite the text_decoder's KV cache, so any embed() between decode() calls (a question after
+    the video prefix, every step of plain generation) read a corrupted cache. The session now loads each
+    component from its own Program; a decode after an embed() equals one without it."""
     from sfedge.runtime.generate import prefill
     from sfedge.runtime.sessions import open_session
 
@@ -65,15 +62,13 @@ def test_executorch_embed_leaves_the_kv_cache_alone(folders):
     torch.testing.assert_close(after_embed, clean)
 
 
-test_executorch_embed_leaves_the_kv_cache_alone = ET_EMBED_CLOBBERS_KV(test_executorch_embed_leaves_the_kv_cache_alone)
-
 
 def answer(chat, question, sampling=SamplingConfig()):
     "".join(chat.ask(question, max_new_tokens=6, sampling=sampling))
     return list(chat.last_answer_ids), chat.last_logits.clone()
 
 
-@pytest.mark.parametrize("backend", ["onnx", pytest.param("executorch", marks=ET_EMBED_CLOBBERS_KV)])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_reuse_changes_no_answer_on_exports(folders, backend, demo_video):
     folder = folders(backend)
     chat = Pipeline.from_folder(folder).open_video(demo_video)

@@ -46,7 +46,9 @@ class ExecuTorchSession(ModelSession):
 
             _unsafe_reset_threadpool(int(options.threads))
         runtime = _runtime()
-        self._programs: Dict[str, object] = {}
+        # one Program per (file, component): methods loaded from one Program share its planned memory, so
+        # running token_embedding would overwrite the text_decoder's KV cache (mutable buffers) in llm.pte
+        self._programs: Dict[tuple, object] = {}
         self._methods = {c.value: self._load(runtime, manifest.component(c)) for c in Component if c != Component.PROJECTOR}
         self._projectors = {frames: self._load(runtime, entry) for frames, entry in manifest.projectors().items()}
         vision = manifest.component(Component.VISION_ENCODER)
@@ -63,9 +65,10 @@ class ExecuTorchSession(ModelSession):
         return cls(folder, manifest, options)
 
     def _load(self, runtime, entry):
-        if entry.file not in self._programs:
-            self._programs[entry.file] = runtime.load_program(str(self.folder / entry.file))
-        program = self._programs[entry.file]
+        key = (entry.file, entry.component)
+        if key not in self._programs:
+            self._programs[key] = runtime.load_program(str(self.folder / entry.file))
+        program = self._programs[key]
         if entry.method not in program.method_names:
             raise SfedgeError(f"{self.folder / entry.file} has no method {entry.method!r} (it has: "
                               f"{', '.join(sorted(program.method_names))}): the manifest and the file disagree, re-export")
@@ -73,7 +76,8 @@ class ExecuTorchSession(ModelSession):
 
     def constant(self, name: str):
         """A constant method of llm.pte (get_max_seq_len, get_eos_ids, ...): ints come back as int, lists as list."""
-        program = self._programs[self.manifest.component(Component.TEXT_DECODER).file]
+        decoder = self.manifest.component(Component.TEXT_DECODER)
+        program = self._programs[(decoder.file, decoder.component)]
         values = list(program.load_method(name).execute([]))
         return values if name == "get_eos_ids" else values[0]
 
