@@ -261,3 +261,16 @@ def test_chats_sharing_a_pipeline_do_not_read_each_others_cache(pipeline, demo_v
     torch.testing.assert_close(first_logits, expected_first, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second_again, second_logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(first_logits, second_logits, atol=1e-3)
+
+
+def test_bench_realtime_replays_the_clip_and_times_the_question_after_the_last_frame(demo_video):
+    from sfedge.benchmarks.cases import BenchCase, Source
+    from sfedge.benchmarks.worker import run_case
+
+    case = BenchCase(source=Source(preset="tiny"), video=str(demo_video), gen_tokens=2, repetitions=1, warmup=0, realtime=True)
+    assert case.name.endswith("+rt")
+    record = run_case(case)
+    metrics = {name: values["mean"] for name, values in record["metrics"].items()}
+    assert metrics["rt_frames_seen"] == 24 and metrics["rt_frames_encoded"] == 8 and record["frames"] == 8
+    assert metrics["rt_replay_s"] >= 1.8  # 24 frames at 12 fps, delivered at their own rate
+    assert metrics["ttft_ms"] >= metrics["projector_ms"] + metrics["prefill_ms"] > 0
