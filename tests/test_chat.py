@@ -274,3 +274,16 @@ def test_bench_realtime_replays_the_clip_and_times_the_question_after_the_last_f
     assert metrics["rt_frames_seen"] == 24 and metrics["rt_frames_encoded"] == 8 and record["frames"] == 8
     assert metrics["rt_replay_s"] >= 1.8  # 24 frames at 12 fps, delivered at their own rate
     assert metrics["ttft_ms"] >= metrics["projector_ms"] + metrics["prefill_ms"] > 0
+
+
+def test_cli_chat_interactive_commands(demo_video, tmp_path, capsys, monkeypatch):
+    import io
+
+    saved = tmp_path / "session.prefix.safetensors"
+    lines = [SHORT_Q, "/stats", f"/save {saved}", "And then?", "/reset", "/nope", ""]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines)))
+    assert main(["chat", "--model", "tiny", "--video", str(demo_video), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert len(re.findall(r"\[TTFT \d+ ms", err)) == 2 and "visual tokens 40" in err
+    assert f"[saved {saved}]" in err and saved.exists()
+    assert "[back to the bare video prefix]" in err and "commands: /reset" in err
