@@ -231,7 +231,7 @@ def test_bench_questions_reports_ttft_per_question(demo_video):
     from sfedge.benchmarks.cases import BenchCase, Source
     from sfedge.benchmarks.worker import run_case
 
-    case = BenchCase(source=Source(preset="tiny"), video=str(demo_video), gen_tokens=3, repetitions=1, warmup=1, questions=3)
+    case = BenchCase(source=Source(preset="tiny"), video=str(demo_video), gen_tokens=3, repetitions=1, warmup=0, questions=3)
     assert case.name.endswith("+q3")
     record = run_case(case)
     metrics = record["metrics"]
