@@ -46,9 +46,8 @@ class ExecuTorchSession(ModelSession):
 
             _unsafe_reset_threadpool(int(options.threads))
         runtime = _runtime()
-        # one Program per (file, component): methods loaded from one Program share its planned memory, so
-        # running token_embedding would overwrite the text_decoder's KV cache (mutable buffers) in llm.pte
-        self._programs: Dict[tuple, object] = {}
+        self._programs: Dict[str, object] = {}  # file -> the first Program loaded from it
+        self._more_programs: list = []  # one more Program per further method of a file (see _load)
         self._methods = {c.value: self._load(runtime, manifest.component(c)) for c in Component if c != Component.PROJECTOR}
         self._projectors = {frames: self._load(runtime, entry) for frames, entry in manifest.projectors().items()}
         vision = manifest.component(Component.VISION_ENCODER)
@@ -65,10 +64,13 @@ class ExecuTorchSession(ModelSession):
         return cls(folder, manifest, options)
 
     def _load(self, runtime, entry):
-        key = (entry.file, entry.component)
-        if key not in self._programs:
-            self._programs[key] = runtime.load_program(str(self.folder / entry.file))
-        program = self._programs[key]
+        if entry.file not in self._programs:
+            program = self._programs[entry.file] = runtime.load_program(str(self.folder / entry.file))
+        else:
+            # methods loaded from one Program share its planned memory: running llm.pte's token_embedding
+            # overwrote the text_decoder's KV cache (mutable buffers). A Program of its own for each method.
+            program = runtime.load_program(str(self.folder / entry.file))
+            self._more_programs.append(program)
         if entry.method not in program.method_names:
             raise SfedgeError(f"{self.folder / entry.file} has no method {entry.method!r} (it has: "
                               f"{', '.join(sorted(program.method_names))}): the manifest and the file disagree, re-export")
@@ -76,8 +78,7 @@ class ExecuTorchSession(ModelSession):
 
     def constant(self, name: str):
         """A constant method of llm.pte (get_max_seq_len, get_eos_ids, ...): ints come back as int, lists as list."""
-        decoder = self.manifest.component(Component.TEXT_DECODER)
-        program = self._programs[(decoder.file, decoder.component)]
+        program = self._programs[self.manifest.component(Component.TEXT_DECODER).file]
         values = list(program.load_method(name).execute([]))
         return values if name == "get_eos_ids" else values[0]
 
