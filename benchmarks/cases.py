@@ -47,6 +47,8 @@ class BenchCase:
     seed: int = 0
     inject_delay_ms: float = 0.0  # test hook: sleep this long in every decode step (see docs/benchmarks.md)
     verify: bool = True
+    questions: int = 1  # video chat: questions per opened video (benchmarks/chat_case.py)
+    realtime: bool = False  # video chat: replay the clip at its frame rate, ask after the last frame
 
     @property
     def name(self) -> str:
@@ -59,6 +61,10 @@ class BenchCase:
         parts.append(f"tg{self.gen_tokens}")
         if self.threads:
             parts.append(f"t{self.threads}")
+        if self.questions > 1:
+            parts.append(f"q{self.questions}")
+        if self.realtime:
+            parts.append("rt")
         return "+".join(parts)
 
     @property
@@ -100,6 +106,8 @@ class Sweep:
     seed: int = 0
     inject_delay_ms: float = 0.0
     verify: bool = True
+    questions: int = 1
+    realtime: bool = False
     notes: List[str] = field(default_factory=list)
 
     def expand(self) -> List[BenchCase]:
@@ -133,7 +141,8 @@ class Sweep:
                                     source=source, video=self.video, frames=frame_count, slowfast=spec,
                                     prompt_tokens=prompt, gen_tokens=gen, threads=threads,
                                     repetitions=self.repetitions, warmup=self.warmup, seed=self.seed,
-                                    inject_delay_ms=self.inject_delay_ms, verify=self.verify))
+                                    inject_delay_ms=self.inject_delay_ms, verify=self.verify,
+                                    questions=self.questions, realtime=self.realtime))
         return cases
 
 

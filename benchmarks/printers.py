@@ -34,6 +34,9 @@ METRIC_COLUMNS = [
     ("vision_encode_ms", "encode ms", 1), ("vision_encode_ms_per_frame", "enc/frame ms", 2),
     ("projector_ms", "proj ms", 2), ("embed_ms", "embed ms", 2), ("prefill_ms", "prefill ms", 1),
     ("prefill_tokens_per_s", "pp tok/s", 0), ("decode_tokens_per_s", "tg tok/s", 1),
+    # video chat (--questions, --realtime): shown only when a record has them
+    ("q2_ttft_ms", "Q2 TTFT ms", 1), ("q3_ttft_ms", "Q3 TTFT ms", 1), ("q2_decode_tokens_per_s", "Q2 tg tok/s", 1),
+    ("rt_lag_ms", "RT lag ms", 1),
 ]
 # (column, header, record -> value, format)
 EXTRA_COLUMNS = [

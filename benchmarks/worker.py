@@ -90,7 +90,8 @@ def build_pipeline(case: BenchCase):
     budget = compute_budget(config, text_tokens, max_new_tokens=case.gen_tokens)
     if not budget.fits_context:
         raise SfedgeError(f"{case.key}: {budget.total_tokens} tokens do not fit {config.name}'s context of {budget.context}")
-    max_context = min(budget.total_tokens + 16, config.llm.max_context)
+    margin = 16 + (32 if case.questions > 1 else 0)  # chat questions differ in length (benchmarks/chat_case.py)
+    max_context = min(budget.total_tokens + margin, config.llm.max_context)
     return Pipeline.from_preset(config, WeightsSource(seed=case.seed), max_context)
 
 
@@ -150,6 +151,18 @@ def run_case(case: BenchCase) -> dict:
     stage_rss: dict = {}
     constants: dict = {}
     total = case.warmup + case.repetitions
+    if case.questions > 1 or case.realtime:  # video chat: benchmarks/chat_case.py
+        from sfedge.benchmarks.chat_case import run_chat_rep
+
+        for rep in range(total):
+            label = "warm-up" if rep < case.warmup else f"rep {rep - case.warmup + 1}/{case.repetitions}"
+            log(f"    {label}:")
+            sample, constants = run_chat_rep(case, pipeline, question, log)
+            if rep >= case.warmup:
+                for name, value in sample.items():
+                    samples.setdefault(name, []).append(value)
+        rss["peak"] = peak_rss_bytes()
+        return finish_record(case, pipeline, samples, constants, rss, stage_rss, calibration_before, calibration.measure_ms())
     for rep in range(total):
         stats = StageStats()
         stats.inference_start_ms = now_ms()

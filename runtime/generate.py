@@ -1,7 +1,7 @@
 """Prefill in chunks up to the session's limit, then KV-cache decode one token at a time."""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -25,17 +25,11 @@ def prefill(session: ModelSession, embeds: torch.Tensor, start_pos: int = 0) -> 
     return logits
 
 
-def generate(session: ModelSession, embeds: torch.Tensor, sampler: Sampler, max_new_tokens: int,
-             eos_ids: Sequence[int], stats: Optional[RunStats] = None) -> Iterator[int]:
-    """Yield generated token ids (stops at EOS, not yielded, or after max_new_tokens or a full cache)."""
-    stats = stats or RunStats()
-    session.reset()
-    start = now_ms()
-    logits = prefill(session, embeds)
-    stats.prefill_ms = now_ms() - start
-    stats.prompt_eval_end_ms = now_ms()
-    stats.num_prompt_tokens = embeds.shape[0]
-    position = embeds.shape[0]
+def decode_tokens(session: ModelSession, logits: torch.Tensor, position: int, sampler: Sampler, max_new_tokens: int,
+                  eos_ids: Sequence[int], stats: RunStats, fed: Optional[List[int]] = None) -> Iterator[int]:
+    """Sample from ``logits`` (the last prompt position's) and keep decoding at ``position``; yield token ids
+    (EOS stops, not yielded). Each token fed back into the cache is appended to ``fed`` when given, so a
+    caller knows exactly which ids the KV cache holds."""
     decode_start = None
     for step in range(max_new_tokens):
         sample_start = now_ms()
@@ -51,6 +45,21 @@ def generate(session: ModelSession, embeds: torch.Tensor, sampler: Sampler, max_
         if step + 1 == max_new_tokens or position >= session.max_context:
             break
         logits = session.decode(session.embed(torch.tensor([token], dtype=torch.long)), position)
+        if fed is not None:
+            fed.append(token)
         position += 1
         stats.decode_ms = now_ms() - decode_start
     stats.inference_end_ms = now_ms()
+
+
+def generate(session: ModelSession, embeds: torch.Tensor, sampler: Sampler, max_new_tokens: int,
+             eos_ids: Sequence[int], stats: Optional[RunStats] = None) -> Iterator[int]:
+    """Yield generated token ids (stops at EOS, not yielded, or after max_new_tokens or a full cache)."""
+    stats = stats or RunStats()
+    session.reset()
+    start = now_ms()
+    logits = prefill(session, embeds)
+    stats.prefill_ms = now_ms() - start
+    stats.prompt_eval_end_ms = now_ms()
+    stats.num_prompt_tokens = embeds.shape[0]
+    yield from decode_tokens(session, logits, embeds.shape[0], sampler, max_new_tokens, eos_ids, stats)

@@ -15,7 +15,7 @@ import torch
 
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
-from sfedge.manifest import TOKENIZER_FILE
+from sfedge.manifest import MANIFEST_FILE, TOKENIZER_FILE, sha256_file
 from sfedge.models import WeightsSource
 from sfedge.prompt import tokenize_prompt
 from sfedge.tokenizer import check_special_tokens, load_tokenizer, load_tokenizer_file
@@ -24,7 +24,8 @@ from sfedge.runtime.sampling import Sampler, SamplingConfig
 from sfedge.runtime.sessions import SessionOptions, open_session
 from sfedge.runtime.sessions.base import ModelSession
 from sfedge.runtime.stats import RunStats, now_ms, peak_rss_bytes
-from sfedge.runtime.video import load_video, preprocess, resample_to
+from sfedge.runtime.detokenize import TextStream
+from sfedge.runtime.video import IMAGE_SUFFIXES, DecodedVideo, load_video, preprocess, resample_to
 
 
 @dataclass(frozen=True)
@@ -35,30 +36,41 @@ class VideoOptions:
 
 
 class Pipeline:
-    def __init__(self, session: ModelSession, tokenizer, load_ms: float = 0.0):
+    def __init__(self, session: ModelSession, tokenizer, load_ms: float = 0.0, fingerprint: Optional[str] = None):
+        from sfedge.runtime.prefix_cache import model_fingerprint
+
         self.session = session
         self.tokenizer = tokenizer
         self.config: ModelConfig = session.config
         self.load_ms = load_ms
         self.last_stats = RunStats()
+        self.kv_owner = None  # the VideoChat whose prefix the session's KV cache holds (runtime/chat.py)
+        # what a saved video prefix is bound to (runtime/prefix_cache.py)
+        self.fingerprint = fingerprint or model_fingerprint(self.config.to_dict(), session.backend, {})
 
     @classmethod
     def from_folder(cls, folder: str | Path, options: SessionOptions = SessionOptions(), backend: str | None = None) -> "Pipeline":
+        from sfedge.runtime.prefix_cache import model_fingerprint
+
         start = now_ms()
         session = open_session(folder, options, backend)
         tokenizer = load_tokenizer_file(Path(folder) / TOKENIZER_FILE)
         check_special_tokens(tokenizer, session.config, f"{Path(folder) / TOKENIZER_FILE}")
-        return cls(session, tokenizer, now_ms() - start)
+        manifest_sha = sha256_file(Path(folder) / MANIFEST_FILE)
+        fingerprint = model_fingerprint(session.config.to_dict(), session.backend, {"manifest_sha256": manifest_sha})
+        return cls(session, tokenizer, now_ms() - start, fingerprint)
 
     @classmethod
     def from_preset(cls, config: ModelConfig, weights: WeightsSource = WeightsSource(), max_context: Optional[int] = None) -> "Pipeline":
         from sfedge.models import resolve_config
+        from sfedge.runtime.prefix_cache import model_fingerprint
         from sfedge.runtime.sessions.eager import EagerSession
 
         start = now_ms()
         config = resolve_config(config, weights)
         session = EagerSession.build(config, weights, max_context)
-        return cls(session, load_tokenizer(config, weights.llm_dir), now_ms() - start)
+        fingerprint = model_fingerprint(config.to_dict(), session.backend, {"weights": weights.to_dict()})
+        return cls(session, load_tokenizer(config, weights.llm_dir), now_ms() - start, fingerprint)
 
     # --- stages ---------------------------------------------------------------------------------
 
@@ -82,10 +94,19 @@ class Pipeline:
             outputs.append(self.session.encode(chunk)[:real])
         return torch.cat(outputs)
 
-    def prepare(self, video_path: str | Path, question: str, video: VideoOptions = VideoOptions(),
-                stats: Optional[RunStats] = None) -> torch.Tensor:
-        """Everything before prefill: the spliced prompt embeddings [L, hidden]."""
-        stats = stats or RunStats()
+    def check_fits(self, frames: int, text_tokens: int, where: str) -> None:
+        """Refuse a prompt that cannot fit the context before any frame is decoded."""
+        from sfedge.budget import compute_budget
+
+        budget = compute_budget(self.config, text_tokens, frames, context=self.session.max_context)
+        if budget.prompt_tokens >= self.session.max_context:
+            raise SfedgeError(
+                f"{where}: the prompt needs {budget.prompt_tokens} tokens ({budget.visual_tokens} visual for {frames} frames + "
+                f"{text_tokens} text) but the context holds {self.session.max_context}; use fewer frames (--frames), "
+                f"a lighter --slowfast spec, or export with a larger --max-context")
+
+    def sample_video(self, video_path: str | Path, video: VideoOptions, stats: RunStats) -> DecodedVideo:
+        """Decode and sample the frames (exactly the export's count when its projector shapes are static)."""
         frames = self.frames_to_sample(video)
         start = now_ms()
         decoded = load_video(video_path, self.config.vision.frame_size, frames, video.policy, video.sample_fps)
@@ -96,22 +117,41 @@ class Pipeline:
             decoded.sample = sample
         stats.video_decode_ms = now_ms() - start
         stats.frames = len(decoded.sample.indices)
+        return decoded
 
+    def encode_video(self, decoded: DecodedVideo, stats: RunStats) -> torch.Tensor:
+        """Preprocess and encode sampled frames -> features [T, patches, width]."""
         start = now_ms()
         pixels = preprocess(decoded.frames, self.config.vision.pixel_mean, self.config.vision.pixel_std)
         stats.preprocess_ms = now_ms() - start
-
         start = now_ms()
         features = self.encode_frames(pixels)
         stats.vision_encode_ms = now_ms() - start
+        return features
 
+    def project(self, features: torch.Tensor, stats: RunStats) -> torch.Tensor:
         start = now_ms()
         visual = self.session.project(features)
         stats.projector_ms = now_ms() - start
         stats.visual_tokens = visual.shape[0]
+        return visual
 
-        start = now_ms()
+    def visual_tokens(self, video_path: str | Path, video: VideoOptions, stats: RunStats, text_tokens: int) -> torch.Tensor:
+        """Decode, encode and project a video -> visual embeddings [visual tokens, hidden]."""
+        frames = self.frames_to_sample(video)
+        if video.policy == "uniform" or self.session.frame_counts:  # the frame count is known before decoding
+            if Path(video_path).suffix.lower() not in IMAGE_SUFFIXES:
+                self.check_fits(frames, text_tokens, str(video_path))
+        decoded = self.sample_video(video_path, video, stats)
+        return self.project(self.encode_video(decoded, stats), stats)
+
+    def prepare(self, video_path: str | Path, question: str, video: VideoOptions = VideoOptions(),
+                stats: Optional[RunStats] = None) -> torch.Tensor:
+        """Everything before prefill: the spliced prompt embeddings [L, hidden]."""
+        stats = stats or RunStats()
         parts = tokenize_prompt(self.tokenizer, question, self.config.prompt_template)
+        visual = self.visual_tokens(video_path, video, stats, parts.text_tokens)
+        start = now_ms()
         stats.token_encode_end_ms = now_ms()
         before = self.session.embed(torch.tensor(parts.before, dtype=torch.long))
         after = self.session.embed(torch.tensor(parts.after, dtype=torch.long))
@@ -131,21 +171,41 @@ class Pipeline:
         self.last_stats = stats
         stats.inference_start_ms = now_ms()
         embeds = self.prepare(video_path, question, video, stats)
-        tokens: list[int] = []
-        emitted = ""
+        self.kv_owner = None  # generate() starts the cache over
+        text = TextStream(self.tokenizer)
         for token in generate(self.session, embeds, Sampler(sampling), max_new_tokens, self.config.llm.eos_ids, stats):
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            yield text[len(emitted):]
-            emitted = text
-        # make timestamps relative to the start, as ExecuTorch's observer reports them
-        origin = stats.inference_start_ms
-        for name in ("token_encode_end_ms", "prompt_eval_end_ms", "first_token_ms", "inference_end_ms"):
-            setattr(stats, name, max(getattr(stats, name) - origin, 0.0))
-        stats.inference_start_ms = 0.0
-        stats.peak_rss_bytes = peak_rss_bytes()
+            piece = text.push(token)
+            if piece:
+                yield piece
+        tail = text.flush()
+        if tail:
+            yield tail
+        finish_stats(stats)
+
+    # --- video chat: one video, many questions (runtime/chat.py) -----------------------------------
+
+    def open_video(self, video, cache: Optional[str | Path] = None, video_options: VideoOptions = VideoOptions()):
+        """Decode, encode, project and prefill a video's prefix once; ``chat.ask(question)`` then prefills only
+        the question. ``video`` is a file path; ``cache`` a file written by ``chat.save`` (checked against it)."""
+        from sfedge.runtime.chat import open_video
+
+        return open_video(self, video, cache, video_options)
+
+    def open_stream(self, frames, video_options: Optional[VideoOptions] = None, **kwargs):
+        """Frames as they arrive (runtime/stream.py): each sampled frame is encoded on arrival into a bounded window
+        (default policy: fps, one frame per 1/sample_fps seconds, the window holding the frame budget)."""
+        from sfedge.runtime.stream import open_stream
+
+        return open_stream(self, frames, video_options or VideoOptions(policy="fps"), **kwargs)
 
     def answer(self, video_path: str | Path, question: str, **kwargs) -> str:
         return "".join(self.stream(video_path, question, **kwargs))
+
+
+def finish_stats(stats: RunStats) -> None:
+    """Make timestamps relative to the start, as ExecuTorch's observer reports them."""
+    origin = stats.inference_start_ms
+    for name in ("token_encode_end_ms", "prompt_eval_end_ms", "first_token_ms", "inference_end_ms"):
+        setattr(stats, name, max(getattr(stats, name) - origin, 0.0))
+    stats.inference_start_ms = 0.0
+    stats.peak_rss_bytes = peak_rss_bytes()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -56,6 +56,16 @@ class ModelSession(abc.ABC):
     @abc.abstractmethod
     def reset(self) -> None:
         """Forget the KV cache (a new conversation starts at position 0)."""
+
+    def save_kv(self, length: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The KV cache of positions 0 .. length - 1 as named tensors (``layer{i}.key`` / ``layer{i}.value``,
+        [1, kv_heads, length, head_dim]) so a video prefix can be kept on disk; None when the backend does not
+        expose its cache (the caller then re-prefills the prefix)."""
+        return None
+
+    def load_kv(self, tensors: Dict[str, torch.Tensor], length: int) -> None:
+        """Put tensors written by ``save_kv(length)`` back; the next ``decode`` starts at ``length``."""
+        raise SfedgeError(f"the {self.backend} session cannot load a saved KV cache")
 
     def check_frames(self, frames: int, where: str = "") -> None:
         """A clear error when the artifacts have no projector for ``frames`` frames."""

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict
 
 import torch
 
 from sfedge.config import ModelConfig
+from sfedge.errors import SfedgeError
 from sfedge.manifest import Manifest
 from sfedge.models import SFLlava, WeightsSource, build_model
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
@@ -52,6 +54,33 @@ class EagerSession(ModelSession):
 
     def reset(self) -> None:
         self.model.text_decoder.reset_cache()
+
+    def _caches(self):
+        return [layer.self_attn.attend.cache for layer in self.model.text_decoder.layers]
+
+    def save_kv(self, length: int) -> Dict[str, torch.Tensor]:
+        """The KVCache buffers [1, max_seq_len, kv_heads, head_dim] of positions < length, as [1, kv_heads, length, head_dim]."""
+        tensors = {}
+        for i, cache in enumerate(self._caches()):
+            tensors[f"layer{i}.key"] = cache.k_cache[:, :length].transpose(1, 2).contiguous().clone()
+            tensors[f"layer{i}.value"] = cache.v_cache[:, :length].transpose(1, 2).contiguous().clone()
+        return tensors
+
+    def load_kv(self, tensors: Dict[str, torch.Tensor], length: int) -> None:
+        caches = self._caches()
+        expected = {f"layer{i}.{kind}" for i in range(len(caches)) for kind in ("key", "value")}
+        if set(tensors) != expected or length > self.max_context:
+            raise SfedgeError(f"the saved KV cache has {len(tensors)} tensors for {length} positions; this eager model "
+                              f"needs {len(expected)} tensors and holds {self.max_context} positions")
+        self.reset()
+        with torch.inference_mode():
+            for i, cache in enumerate(caches):
+                for kind, buffer in (("key", cache.k_cache), ("value", cache.v_cache)):
+                    value = tensors[f"layer{i}.{kind}"]
+                    if tuple(value.shape) != (1, buffer.shape[2], length, buffer.shape[3]):
+                        raise SfedgeError(f"saved KV tensor layer{i}.{kind} has shape {tuple(value.shape)}, this model "
+                                          f"expects {(1, buffer.shape[2], length, buffer.shape[3])}")
+                    buffer[:, :length] = value.transpose(1, 2).to(buffer.dtype)
 
 
 SESSIONS.add("eager", EagerSession)

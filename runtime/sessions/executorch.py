@@ -46,7 +46,8 @@ class ExecuTorchSession(ModelSession):
 
             _unsafe_reset_threadpool(int(options.threads))
         runtime = _runtime()
-        self._programs: Dict[str, object] = {}
+        self._programs: Dict[str, object] = {}  # file -> the first Program loaded from it
+        self._more_programs: list = []  # one more Program per further method of a file (see _load)
         self._methods = {c.value: self._load(runtime, manifest.component(c)) for c in Component if c != Component.PROJECTOR}
         self._projectors = {frames: self._load(runtime, entry) for frames, entry in manifest.projectors().items()}
         vision = manifest.component(Component.VISION_ENCODER)
@@ -64,8 +65,12 @@ class ExecuTorchSession(ModelSession):
 
     def _load(self, runtime, entry):
         if entry.file not in self._programs:
-            self._programs[entry.file] = runtime.load_program(str(artifact_path(self.folder, entry.file)))
-        program = self._programs[entry.file]
+            program = self._programs[entry.file] = runtime.load_program(str(artifact_path(self.folder, entry.file)))
+        else:
+            # methods loaded from one Program share its planned memory: running llm.pte's token_embedding
+            # overwrote the text_decoder's KV cache (mutable buffers). A Program of its own for each method.
+            program = runtime.load_program(str(artifact_path(self.folder, entry.file)))
+            self._more_programs.append(program)
         if entry.method not in program.method_names:
             raise SfedgeError(f"{self.folder / entry.file} has no method {entry.method!r} (it has: "
                               f"{', '.join(sorted(program.method_names))}): the manifest and the file disagree, re-export")

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "parity": ("sfedge.cli.parity", "compare an artifact folder with the eager model"),
     "bench": ("sfedge.cli.bench", "benchmark artifact folders: per-stage latency, memory, sweeps, regression gate"),
     "make-video": ("sfedge.cli.make_video", "write a short synthetic test video"),
+    "chat": ("sfedge.cli.chat", "chat about a video: its prefix is encoded once, each question prefills only itself"),
 }
 
 

@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifacts")
     run.add_argument("--no-limits", action="store_true", help="skip measuring memory bandwidth and matmul FLOP/s")
     run.add_argument("--list", action="store_true", help="print the cases the sweep expands to and exit")
+    chat = parser.add_argument_group("video chat (docs/video_chat.md)")
+    chat.add_argument("--questions", type=int, default=1, metavar="N",
+                      help="open the video once and ask N questions; reports TTFT and decode per question")
+    chat.add_argument("--realtime", action="store_true",
+                      help="replay the video at its frame rate, encoding frames as they arrive; TTFT from the question after the last frame")
     out = parser.add_argument_group("output")
     out.add_argument("--output", choices=PRINTERS.names(), default="md", help="result format (default: md)")
     out.add_argument("--out", metavar="FILE", help="write the results here instead of stdout")
@@ -87,6 +92,8 @@ def _check(args) -> None:
         raise UsageError(f"--repetitions must be >= 1 and --warmup >= 0 (got {args.repetitions}, {args.warmup})")
     if args.inject_delay_ms < 0:
         raise UsageError(f"--inject-delay-ms must be >= 0, got {args.inject_delay_ms}")
+    if args.questions < 1 or (args.realtime and args.questions != 1):
+        raise UsageError(f"--questions must be >= 1 (and 1 with --realtime), got {args.questions}")
     if args.video and not Path(args.video).is_file():
         raise UsageError(f"--video {args.video} is not a file")
 
@@ -115,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                       prompt_tokens=parse_int_list(args.prompt_tokens, "--prompt-tokens"),
                       gen_tokens=[g for g in parse_int_list(args.gen_tokens, "--gen-tokens") if g],
                       threads=parse_int_list(args.threads, "--threads"), repetitions=args.repetitions,
-                      warmup=args.warmup, seed=args.seed, inject_delay_ms=args.inject_delay_ms, verify=not args.no_verify)
+                      warmup=args.warmup, seed=args.seed, inject_delay_ms=args.inject_delay_ms, verify=not args.no_verify,
+                      questions=args.questions, realtime=args.realtime)
         if args.list:
             for case in sweep.expand():
                 print(case.key)
