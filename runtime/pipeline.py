@@ -96,14 +96,12 @@ class Pipeline:
 
     def check_fits(self, frames: int, text_tokens: int, where: str) -> None:
         """Refuse a prompt that cannot fit the context before any frame is decoded."""
-        from sfedge.budget import compute_budget
+        from sfedge.budget import check_prompt_fits
 
-        budget = compute_budget(self.config, text_tokens, frames, context=self.session.max_context)
-        if budget.prompt_tokens >= self.session.max_context:
-            raise SfedgeError(
-                f"{where}: the prompt needs {budget.prompt_tokens} tokens ({budget.visual_tokens} visual for {frames} frames + "
-                f"{text_tokens} text) but the context holds {self.session.max_context}; use fewer frames (--frames), "
-                f"a lighter --slowfast spec, or export with a larger --max-context")
+        try:
+            check_prompt_fits(self.config, frames, self.session.max_context, text_tokens=text_tokens)
+        except SfedgeError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
 
     def sample_video(self, video_path: str | Path, video: VideoOptions, stats: RunStats) -> DecodedVideo:
         """Decode and sample the frames (exactly the export's count when its projector shapes are static)."""
