@@ -15,11 +15,22 @@ from sfedge.registry import Registry
 
 @dataclass(frozen=True)
 class Tolerance:
-    """fp: max abs difference of outputs; quantized: teacher-forced greedy top-1 agreement."""
+    """What ``sfedge parity`` accepts for a recipe (runtime/parity.py applies it).
+
+    Against the eager fp32 model: ``max_abs`` and ``min_cosine`` per component output and on the
+    decoder logits, ``max_kl`` on the mean KL(fp32 || artifact) over the teacher-forced steps.
+    ``min_top1`` is the top-1 agreement with the gate's reference: the simulated recipe when the
+    backend registers a simulator (then ``simulated``, default ``EXACT_EXPORT``, applies instead of
+    ``min_top1``), else eager fp32. Steps where the reference's top-1 logit leads the runner-up by no
+    more than ``near_tie`` are near ties: reported, not counted (rounding may legitimately flip them).
+    """
 
     max_abs: Optional[float] = None  # checked per component when set
     min_top1: Optional[float] = None  # checked end to end when set
     min_cosine: Optional[float] = None  # checked per component when set
+    max_kl: Optional[float] = None  # mean KL(fp32 || artifact) over the teacher-forced steps, nats
+    near_tie: float = 0.0  # top-1 margin (logits) at or under which a step is not counted
+    simulated: Optional["Tolerance"] = None  # against the simulated recipe (None: EXACT_EXPORT)
 
     def describe(self) -> str:
         parts = []
@@ -27,11 +38,15 @@ class Tolerance:
             parts.append(f"max abs <= {self.max_abs:g}")
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine:g}")
+        if self.max_kl is not None:
+            parts.append(f"KL vs fp32 <= {self.max_kl:g}")
         if self.min_top1 is not None:
-            parts.append(f"top-1 agreement >= {self.min_top1:.0%}")
+            parts.append(f"top-1 agreement >= {self.min_top1:.0%}" + (f" (margin > {self.near_tie:g})" if self.near_tie else ""))
         return ", ".join(parts)
 
 
+# What an exact export achieves against its simulated recipe (see runtime/parity.py).
+EXACT_EXPORT = Tolerance(min_top1=1.0, max_kl=1e-3, near_tie=0.0)
 FP32_TOLERANCE = Tolerance(max_abs=1e-4, min_top1=1.0)
 INT8_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.99)
 INT4_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.95)
