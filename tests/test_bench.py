@@ -91,8 +91,14 @@ def _gate_run(smoke, baseline, *extra) -> int:
 
 
 def test_gate_passes_without_change(smoke, gate_baseline, capsys):
-    assert _gate_run(smoke, gate_baseline) == 0
-    assert capsys.readouterr().err.splitlines()[-1].startswith("PASS: 2 metric(s) of 1 case(s) checked")
+    """Same code: never REGRESSED. On a loaded machine a metric may be INCONCLUSIVE (noise above the
+    threshold, with the repetitions it would need) and that fails by default, but it never flips."""
+    code = _gate_run(smoke, gate_baseline)
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert "REGRESSED" not in err, err
+    assert (code == 0 and last.startswith("PASS: 2 metric(s) of 1 case(s) checked")) or \
+        (code == 1 and "inconclusive" in last and "regression" not in last), err
 
 
 def test_gate_fails_on_injected_decode_delay(smoke, gate_baseline, capsys):
@@ -105,7 +111,7 @@ def test_gate_fails_on_injected_decode_delay(smoke, gate_baseline, capsys):
 def test_gate_fails_when_it_gated_nothing(smoke, gate_baseline, capsys):
     """--frames 8 is not in the baseline (frames 4): the run is reported, the baseline case is
     missing, and the gate fails instead of passing with zero checks (synthetic cases: tests/test_gate.py)."""
-    code = main(["bench", *COMMON, "--frames", "8", "-r", "2", "--no-limits", "--video", smoke["video"],
+    code = main(["bench", *COMMON, "--frames", "8", "-r", "1", "--no-limits", "--video", smoke["video"],
                  "--out", str(smoke["folder"] / "gate8.md"), "--baseline", str(gate_baseline), "--allow-missing"])
     last = capsys.readouterr().err.splitlines()[-1]
     assert code == 1 and last.startswith("FAIL: the gate checked 0 metrics"), last
