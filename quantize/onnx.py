@@ -21,7 +21,7 @@ from sfedge.quantize.recipes import (
     FP16_TOLERANCE, FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, register_recipe, uniform,
 )
 
-from sfedge.quantize.recipes import SIMULATORS  # parity's simulated reference: simulate_recipe below
+from sfedge.quantize.recipes import Q4F16_TOLERANCE, SIMULATORS  # parity: the q4f16 bound; simulate_recipe below
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ register_recipe(Recipe(
 register_recipe(Recipe(
     "q4f16", "onnx", "fp16 graphs with 4-bit MatMulNBits weights in the LLM (transformers.js q4f16, for fp16 devices)",
     {C.VISION_ENCODER.value: FP16, C.PROJECTOR.value: FP16, C.TOKEN_EMBEDDING.value: FP16,
-     C.TEXT_DECODER.value: Q4F16_MATMUL}, INT4_TOLERANCE))
+     C.TEXT_DECODER.value: Q4F16_MATMUL}, Q4F16_TOLERANCE))
 
 
 def file_suffix(scheme: ComponentScheme) -> str:

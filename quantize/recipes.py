@@ -46,28 +46,34 @@ class Tolerance:
 
 
 # Measured on the tiny preset (`sfedge export --model tiny --max-context 128 --prefill-chunk 32 --seed W`,
-# then run_parity(folder, steps=32, seed=S) for S = 0..5: 33 teacher-forced steps; the script is in the
-# trust-gates report). KL is the mean over the steps of KL(P || Q) in nats, P the reference.
+# then run_parity(folder, steps=32, seed=S) for S = 0..5: 33 teacher-forced steps each), 2026-11-30,
+# torch 2.13 / executorch 1.5.1 / torchao 0.18 / onnxruntime 1.32. KL: mean over the steps of
+# KL(P || Q) in nats, P the reference; the worst seed is listed.
 #
-# recipe            weights W  vs fp32: KL mean (max over S)  top-1 (min)  logits cosine (min)   vs simulated: KL (max)  max abs
-# onnx fp16         0          1.0e-6                          100 %        1.0000                1.4e-6                  0.009
-# onnx int8         0          1.5e-3                          100 %        0.9992                9.6e-4                  0.39
-# onnx int4         0          0.154                           72.7 %       0.958                 6.7e-5                  0.11
-# onnx q4f16        0          MEASURED_Q4F16
-# executorch 8da8w  0          MEASURED_8DA8W
-# executorch 8da4w  0          MEASURED_8DA4W
-# The bounds below keep a margin of 3x or more over these maxima.
+# recipe            W  vs fp32: KL  top-1 (worst)  logits cos (worst)   vs simulated: KL   max abs
+# onnx fp16         0  1.0e-6       100 %          1.0000               1.4e-6             0.009
+# onnx int8         0  1.5e-3       100 %          0.9992               9.6e-4             0.39
+# onnx int4         0  0.154        72.7 %         0.958                6.7e-5             0.11
+# onnx int4         1  0.173        84.8 %         0.940                1.4e-4             0.19
+# onnx q4f16        0  0.155        78.8 %         0.960                1.5e-3             0.31
+# executorch fp32   0  1.2e-12      100 %          1.0000               (fp32: max abs 7.7e-6)
+# executorch 8da8w  0  2.3e-3       97.0 %         0.9996               1.7e-13            3.8e-6
+# executorch 8da4w  0  MEASURED_8DA4W
+# Top-1 against fp32 measures the rounding of random weights, not the export (hence seed-flaky as a
+# gate); the export is gated against the simulated recipe. Bounds keep a margin of about 3x or more
+# over these maxima; the old 0.95 int4 cosine floor failed a correct export (0.940 above).
 
 # What an exact export achieves against its simulated recipe (runtime/parity.py): every decisive step's
 # top-1 agrees, and the logits stay within rounding of the simulated model's (the simulators model the
 # kernels, e.g. ONNX q4f16's fp16 compute, not bit for bit: hence a KL bound, not zero).
 EXACT_EXPORT = Tolerance(min_top1=1.0, max_kl=2e-3, near_tie=0.5)
 FP32_TOLERANCE = Tolerance(max_abs=1e-4, min_top1=1.0)
-# ONNX int8's dynamic activation rounding is modelled per linear only (ORT also quantizes other MatMuls):
-# a looser exactness bound against its simulation
-INT8_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.99, max_kl=1e-2,
-                           simulated=Tolerance(min_top1=1.0, max_kl=5e-3, near_tie=1.0))
-INT4_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.90, max_kl=0.5, near_tie=0.5)
+# Where the simulator models the kernels only approximately (ONNX int8: ORT also quantizes MatMuls that
+# are not linears; q4f16: the graph computes in fp16), exactness is bounded more loosely against it.
+APPROXIMATE_SIMULATION = Tolerance(min_top1=1.0, max_kl=5e-3, near_tie=1.0)
+INT8_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.99, max_kl=1e-2, simulated=APPROXIMATE_SIMULATION)
+INT4_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.90, max_kl=0.6, near_tie=0.5)
+Q4F16_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.90, max_kl=0.6, near_tie=0.5, simulated=APPROXIMATE_SIMULATION)
 FP16_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.999, max_kl=1e-4)
 
 
