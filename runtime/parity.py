@@ -79,9 +79,9 @@ class ParityReport:
         for row in self.rows:
             lines.append(f"{row.component:<16} {row.max_abs:>10.3g} {row.cosine:>10.6f}  {'ok' if row.passed else 'FAIL'}")
         if self.gate:
-            lines.append(f"gate (the export) {Agreement(**self.gate).describe()}")
+            lines.append(f"gate: artifact {Agreement(**self.gate).describe()}")
         if self.fp32:
-            lines.append(f"agreement with fp32 (the recipe) {Agreement(**self.fp32).describe()}")
+            lines.append(f"agreement with fp32: artifact {Agreement(**self.fp32).describe()}")
         lines.append(f"eager mean top-1 margin {self.eager_top1_margin:.2f} over {self.steps} teacher-forced steps")
         lines.extend(f"note: {n}" for n in self.notes)
         lines.extend(f"FAIL: {f}" for f in self.failures)
@@ -259,18 +259,19 @@ def run_parity(folder: str | Path, options: SessionOptions = SessionOptions(), s
         exact = tolerance.simulated or EXACT_EXPORT
         gate = agreement(f"eager + {recipe.name} (simulated)", logits[2], logits[1], exact.near_tie)
         failures += gate_failures(gate, exact)
-        gate_text = f"{exact.describe()} vs the simulated recipe"
+        vs_fp32_text = Tolerance(tolerance.max_abs, None, tolerance.min_cosine, tolerance.max_kl).describe()
+        gate_text = f"{vs_fp32_text}; gate: {exact.describe('the simulated recipe')} against the simulated recipe"
     else:
         gate = vs_fp32
         failures += gate_failures(gate, Tolerance(min_top1=tolerance.min_top1))
-        gate_text = "vs eager fp32"
+        gate_text = f"{tolerance.describe()}; gate: against eager fp32"
     notes = []
     if vs_fp32.mean_margin < 0.1:
         notes.append("the eager model's logits are nearly flat: top-1 agreement says little for these weights")
     if gate.decisive_steps < gate.steps:
         notes.append(f"{gate.steps - gate.decisive_steps} of {gate.steps} steps are near ties (top-1 margin of "
                      f"{gate.reference} <= {gate.near_tie:g}) and not counted in its top-1")
-    return ParityReport(str(folder), manifest.backend, manifest.recipe, f"{tolerance.describe()}; gate: {gate_text}", rows,
+    return ParityReport(str(folder), manifest.backend, manifest.recipe, gate_text, rows,
                         steps + 1, gate.top1, vs_fp32.max_abs, vs_fp32.mean_margin, not failures,
                         top1_reference=gate.reference, top1_vs_fp32=vs_fp32.top1_all_steps, kl_vs_fp32=vs_fp32.kl_mean,
                         gate=asdict(gate), fp32=asdict(vs_fp32), failures=failures, notes=notes)
