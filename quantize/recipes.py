@@ -59,15 +59,17 @@ class Tolerance:
 # onnx q4f16        0  0.155        78.8 %         0.960                1.5e-3             0.31
 # executorch fp32   0  1.2e-12      100 %          1.0000               (fp32: max abs 7.7e-6)
 # executorch 8da8w  0  2.3e-3       97.0 %         0.9996               1.7e-13            3.8e-6
-# executorch 8da4w  0  MEASURED_8DA4W
+# executorch 8da4w  0  0.158        69.7 %         0.961                8.8e-4             0.29
 # Top-1 against fp32 measures the rounding of random weights, not the export (hence seed-flaky as a
 # gate); the export is gated against the simulated recipe. Bounds keep a margin of about 3x or more
-# over these maxima; the old 0.95 int4 cosine floor failed a correct export (0.940 above).
+# over these maxima; the old 0.95 int4 cosine floor failed a correct export (0.940 above). torchao's
+# eager 8da4w is not bit-exact with XNNPACK's kernels (KL 8.8e-4, max abs 0.29): hence the near-tie
+# margin of 0.75 and the KL bound of 3e-3 in EXACT_EXPORT.
 
 # What an exact export achieves against its simulated recipe (runtime/parity.py): every decisive step's
 # top-1 agrees, and the logits stay within rounding of the simulated model's (the simulators model the
 # kernels, e.g. ONNX q4f16's fp16 compute, not bit for bit: hence a KL bound, not zero).
-EXACT_EXPORT = Tolerance(min_top1=1.0, max_kl=2e-3, near_tie=0.5)
+EXACT_EXPORT = Tolerance(min_top1=1.0, max_kl=3e-3, near_tie=0.75)
 FP32_TOLERANCE = Tolerance(max_abs=1e-4, min_top1=1.0)
 # Where the simulator models the kernels only approximately (ONNX int8: ORT also quantizes MatMuls that
 # are not linears; q4f16: the graph computes in fp16), exactness is bounded more loosely against it.
