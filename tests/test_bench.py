@@ -105,7 +105,9 @@ def test_gate_fails_on_injected_decode_delay(smoke, gate_baseline, capsys):
     # the worker really sleeps 100 ms in each decode step (tiny decodes a token in a few ms)
     assert _gate_run(smoke, gate_baseline, "--inject-delay-ms", "100") == 1
     (row,) = [line for line in capsys.readouterr().err.splitlines() if "decode_ms_per_token" in line]
-    assert row.endswith("REGRESSED"), row
+    # REGRESSED; on a machine so loaded that the repetitions spread by more than the slowdown's own
+    # size (seen here: 125 % noise with 9 sessions on 2 cores) the gate says INCONCLUSIVE: never ok
+    assert row.endswith("REGRESSED") or " INCONCLUSIVE (needs" in row, row
 
 
 def test_gate_fails_when_it_gated_nothing(smoke, gate_baseline, capsys):
