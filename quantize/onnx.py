@@ -21,6 +21,8 @@ from sfedge.quantize.recipes import (
     FP16_TOLERANCE, FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, register_recipe, uniform,
 )
 
+from sfedge.quantize.recipes import Q4F16_TOLERANCE, SIMULATORS  # parity: the q4f16 bound; simulate_recipe below
+
 log = logging.getLogger(__name__)
 
 # transformers.js precision suffixes: decoder_model_merged_q4.onnx etc.
@@ -53,7 +55,7 @@ register_recipe(Recipe(
 register_recipe(Recipe(
     "q4f16", "onnx", "fp16 graphs with 4-bit MatMulNBits weights in the LLM (transformers.js q4f16, for fp16 devices)",
     {C.VISION_ENCODER.value: FP16, C.PROJECTOR.value: FP16, C.TOKEN_EMBEDDING.value: FP16,
-     C.TEXT_DECODER.value: Q4F16_MATMUL}, INT4_TOLERANCE))
+     C.TEXT_DECODER.value: Q4F16_MATMUL}, Q4F16_TOLERANCE))
 
 
 def file_suffix(scheme: ComponentScheme) -> str:
@@ -151,3 +153,13 @@ def quantize_model(src: Path, scheme: ComponentScheme, work: Path):
     if scheme.scheme == "int4":
         return _to_int4(str(src), scheme)
     return _to_int4(_to_fp16(src, scheme, work), scheme)  # q4f16
+
+
+def simulate_recipe(model, recipe: Recipe) -> None:
+    """Parity's simulated reference: round the eager model as this recipe's tools do (quantize/onnx_simulate.py)."""
+    from sfedge.quantize.onnx_simulate import simulate_recipe as simulate
+
+    simulate(model, recipe)
+
+
+SIMULATORS["onnx"] = simulate_recipe

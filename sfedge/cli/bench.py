@@ -59,7 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate = parser.add_argument_group("regression gate")
     gate.add_argument("--save-baseline", metavar="FILE", help="save this run as a baseline (JSON)")
     gate.add_argument("--baseline", metavar="FILE", help="compare with this baseline; exit 1 on a regression")
-    gate.add_argument("--max-regression", default="10%", help="slowdown that fails the gate (default: 10%%)")
+    gate.add_argument("--max-regression", default="10%",
+                      help="slowdown that fails the gate, above 0%% and at most 1000%% (default: 10%%)")
+    gate.add_argument("--allow-missing", action="store_true",
+                      help="only report baseline cases that did not run (default: they fail the gate)")
+    gate.add_argument("--allow-inconclusive", action="store_true",
+                      help="only report metrics whose noise is too large to decide (default: they fail the gate; "
+                           "the report says how many repetitions would decide)")
     gate.add_argument("--inject-delay-ms", type=float, default=0.0,
                       help="test hook: sleep this long in every decode step (to check that the gate catches a slowdown)")
 
@@ -96,6 +102,30 @@ def _check(args) -> None:
         raise UsageError(f"--questions must be >= 1 (and 1 with --realtime), got {args.questions}")
     if args.video and not Path(args.video).is_file():
         raise UsageError(f"--video {args.video} is not a file")
+    if (args.allow_missing or args.allow_inconclusive) and not args.baseline:
+        raise UsageError("--allow-missing and --allow-inconclusive apply to the gate: pass --baseline FILE")
+    if args.baseline and not Path(args.baseline).is_file():
+        raise UsageError(f"--baseline {args.baseline} is not a file (write one with --save-baseline FILE)")
+    if args.save_baseline:
+        _check_writable("--save-baseline", args.save_baseline)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Before any work: a path the results can be written to (the run is lost otherwise)."""
+    import os
+
+    from sfedge.errors import UsageError
+
+    target = Path(path)
+    if not str(path).strip() or target.is_dir():
+        raise UsageError(f"{flag} {path!r} must name a file, not a folder")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
 
 
 def _write(path: str, text: str) -> None:
@@ -105,7 +135,7 @@ def _write(path: str, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sfedge.benchmarks.cases import Sweep, parse_int_list, parse_str_list
-    from sfedge.benchmarks.gate import compare, parse_threshold
+    from sfedge.benchmarks.gate import check_baseline, compare, parse_threshold
     from sfedge.benchmarks.printers import render
     from sfedge.benchmarks.runner import load_document, run_sweep
     from sfedge.runtime.video import make_demo_video
@@ -113,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     threshold = parse_threshold(args.max_regression)
     baseline = load_document(args.baseline) if args.baseline else None
+    if baseline is not None:
+        check_baseline(baseline, args.baseline)
     sources = _sources(args)
     slowfast = parse_str_list(args.slowfast)
     frames = parse_int_list(args.frames, "--frames")
@@ -150,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
         code = 1
     if baseline is not None:
-        report = compare(baseline, document, threshold)
+        report = compare(baseline, document, threshold, allow_missing=args.allow_missing,
+                         allow_inconclusive=args.allow_inconclusive)
         print(report.table(), file=sys.stderr)
         if not report.passed:
             code = 1
