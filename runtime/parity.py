@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from sfedge.errors import UsageError
-from sfedge.manifest import read_manifest
+from sfedge.manifest import check_weights_fingerprint, read_manifest
 from sfedge.quantize.recipes import EXACT_EXPORT, Tolerance, get_recipe, simulator
 from sfedge.runtime.parity_metrics import Agreement, agreement, difference, non_finite, stack, worst
 from sfedge.runtime.sessions import SessionOptions, open_session
@@ -232,6 +232,7 @@ def run_parity(folder: str | Path, options: SessionOptions = SessionOptions(), s
     check_arguments(steps, seed)
     folder = Path(folder)
     manifest = read_manifest(folder)
+    check_weights_fingerprint(manifest)  # the eager reference is rebuilt from the same weights, or not at all
     recipe = get_recipe(manifest.backend, manifest.recipe)
     tolerance = recipe.tolerance
     candidate = open_session(folder, options)

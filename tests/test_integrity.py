@@ -299,6 +299,27 @@ def test_weights_fingerprint_is_checked(tmp_path):
                                                      "fingerprint": WeightsSource(seed=0).fingerprint()}))
 
 
+def test_parity_refuses_a_reference_rebuilt_from_changed_weights(tmp_path, monkeypatch):
+    """run_parity checks the fingerprint before it opens any session (no wrong reference is built)."""
+    from safetensors.torch import save_file
+
+    import sfedge.runtime.parity as parity
+
+    path = tmp_path / "projector.safetensors"
+    save_file({"mlp.0.weight": torch.ones(2, 2)}, str(path))
+    source = WeightsSource(projector_path=str(path))
+    folder = _folder(tmp_path, _manifest(weights={**source.to_dict(), "fingerprint": source.fingerprint()}))
+    save_file({"mlp.0.weight": torch.zeros(2, 2)}, str(path))
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was opened before the weights were checked")
+
+    monkeypatch.setattr(parity, "open_session", no_session)
+    monkeypatch.setattr(parity.EagerSession, "open", no_session)
+    with pytest.raises(SfedgeError, match="changed since export"):
+        parity.run_parity(folder)
+
+
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/x.safetensors", "link/model.safetensors"])
 def test_safetensors_index_cannot_point_outside_its_folder(tmp_path, shard):
     from safetensors.torch import save_file
