@@ -78,7 +78,7 @@ class RayExecutor:
         self._remote = ray.remote(max_calls=1)(_run_job)
 
     def _submit(self, job: dict, threads: Optional[int]) -> dict:
-        options = {"num_cpus": threads or 1, "max_calls": 1}
+        options = {"num_cpus": threads or 1}  # max_calls=1 is set on the remote function itself
         if self.resource:
             options["resources"] = {self.resource: 1}
         try:
