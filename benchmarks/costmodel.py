@@ -63,8 +63,10 @@ class LinearFit:
         return LinearFit(**{**data, "points": tuple(tuple(p) for p in data["points"])})
 
 
-def fit_linear(points: Sequence[Tuple[float, float]], x: str, y: str, nonnegative_slope: bool = False) -> LinearFit:
-    """Least-squares line. One distinct x: y proportional to x (intercept 0) and a note saying so.
+def fit_linear(points: Sequence[Tuple[float, float]], x: str, y: str, nonnegative_slope: bool = False,
+               single_x: str = "proportional") -> LinearFit:
+    """Least-squares line. One distinct x: y proportional to x (``single_x="proportional"``, e.g. time vs
+    frames) or constant (``"constant"``, e.g. time per token vs position), with a note saying so.
     ``nonnegative_slope``: a fitted negative slope (noise on a flat cost) becomes a constant (the mean)."""
     pts = [(float(px), float(py)) for px, py in points]
     if not pts:
@@ -75,7 +77,9 @@ def fit_linear(points: Sequence[Tuple[float, float]], x: str, y: str, nonnegativ
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((px - mx) ** 2 for px in xs)
     note = ""
-    if sxx == 0:
+    if sxx == 0 and single_x == "constant":
+        slope, intercept, note = 0.0, my, "one x value: constant"
+    elif sxx == 0:
         slope = my / mx if mx else 0.0
         intercept = 0.0 if mx else my
         note = "one x value: proportional" if mx else "one x value: constant"

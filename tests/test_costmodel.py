@@ -60,6 +60,8 @@ def test_fit_recovers_known_coefficients():
         assert 0 < noisy.relative_rms < 0.03
     single = fit_linear([(8, 16.0)], "frames", "ms")
     assert (single.intercept, single.slope) == (0.0, 2.0) and "proportional" in single.note
+    per_token = fit_linear([(300, 2.0)], "position", "ms_per_token", single_x="constant")
+    assert (per_token.intercept, per_token.slope) == (2.0, 0.0)
     flat = fit_linear([(1, 5.0), (2, 4.0)], "p", "ms", nonnegative_slope=True)
     assert flat.slope == 0.0 and flat.intercept == 4.5
 
@@ -164,7 +166,7 @@ def test_profile_and_validate_tiny_onnx(onnx_folder, demo_video, tmp_path, capsy
     profile = load_profile(str(path))
     assert profile.model.backend == "onnx" and profile.frames == (2, 8) and profile.model.prefill_chunk == 64
     assert profile.fits["encode_call_ms"].slope > 0 and profile.max_position > 8 * 4
-    assert len(profile.fits["prefill_ms_per_token"].points) >= 1 and len(profile.fits["decode_ms_per_token"].points) == 3
+    assert len(profile.fits["prefill_ms_per_token"].points) >= 1 and len(profile.fits["decode_ms_per_token"].points) == 4  # position 0, each count, 2x context
     assert "| prefill_ms_per_token |" in capsys.readouterr().out
     assert main(["bench", str(onnx_folder), "--validate", str(path), "-r", "1", "--gen-tokens", "8", "--output", "json",
                  "--out", str(tmp_path / "b.json"), *common]) == 0
