@@ -125,6 +125,15 @@ def test_profile_round_trip_and_bad_files(tmp_path, capsys):
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(SfedgeError, match="not an sfedge device profile"):
         load_profile(str(path))
+    path.write_text(profile.to_json())
+    assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "128", "--profile", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    prediction = data["prediction"]
+    assert data["visual_tokens"] == prediction["visual_tokens"] == 9216 and prediction["extrapolated"]
+    assert prediction["ttft_ms"] == pytest.approx(sum(prediction["stages_ms"].values()))
+    assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "8", "--profile", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "TTFT" in text and "peak RSS" in text and "EXTRAPOLATED     context 1467 is past the profiled position 1000" in text
     assert main(["budget", "--model", "tiny", "--profile", str(tmp_path / "missing.json")]) == 1
     assert "cannot read device profile" in capsys.readouterr().err
 
