@@ -170,7 +170,9 @@ def measure(job: ProfileJob) -> DeviceProfile:
         if batch:
             calls = [pixels[i:i + batch] for i in range(0, n, batch)]
             calls = [c if c.shape[0] == batch else torch.cat([c, c.new_zeros((batch - c.shape[0], *c.shape[1:]))]) for c in calls]
-            call_times = [_best(lambda c=c: session.encode(c), job.repeats)[1] for c in calls]
+            if not points["encode"]:
+                session.encode(calls[0])  # warm-up; every later call is one timing (a 1B frame takes seconds)
+            call_times = [_timed(lambda c=c: session.encode(c))[1] for c in calls]
             points["encode"].extend((batch, ms) for ms in call_times)
             encode_total = sum(call_times)
         else:
