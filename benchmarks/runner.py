@@ -24,10 +24,11 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def spawn_worker(job: dict, progress: Callable[[str], None] = _progress, timeout_s: Optional[float] = None) -> dict:
-    """Run one job in ``python -m sfedge.benchmarks.worker``; its stderr is forwarded line by line,
-    its stdout is one JSON result. A crash becomes {"status": "failed", "note": <last stderr lines>}."""
-    process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def spawn_worker(job: dict, progress: Callable[[str], None] = _progress, timeout_s: Optional[float] = None,
+                 module: str = WORKER_MODULE) -> dict:
+    """Run one job in ``python -m sfedge.benchmarks.worker`` (or ``module``); its stderr is forwarded line
+    by line, its stdout is one JSON result. A crash becomes {"status": "failed", "note": <last stderr lines>}."""
+    process = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     output: List[str] = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()), daemon=True)
@@ -74,7 +75,11 @@ def attach_roofline(record: dict, limits: Dict[str, dict]) -> None:
                                 mean("vision_encode_ms"))
 
 
-def run_sweep(sweep: Sweep, with_limits: bool = True, progress: Callable[[str], None] = _progress) -> dict:
+def run_sweep(sweep: Sweep, with_limits: bool = True, progress: Callable[[str], None] = _progress,
+              executor=None) -> dict:
+    """``executor``: where cases run (default: fresh local subprocesses); anything with
+    ``measure_limits(threads, progress)`` and ``run_case(case, progress)``, e.g. benchmarks/ray_runner.py."""
+    executor = executor or LOCAL
     cases = sweep.expand()
     for note in sweep.notes:
         progress(f"note: {note}")
@@ -85,7 +90,7 @@ def run_sweep(sweep: Sweep, with_limits: bool = True, progress: Callable[[str], 
     if with_limits:
         for threads in dict.fromkeys(case.threads for case in cases):
             progress(f"limits (threads {threads or 'default'}): memory bandwidth and fp32 matmul ...")
-            result = measure_limits(threads, progress)
+            result = executor.measure_limits(threads, progress)
             limits[str(threads)] = result
             limits[str(result["threads"])] = result
             progress(f"  read {result['read_gb_s']:.1f} GB/s, copy {result['copy_gb_s']:.1f} GB/s, "
@@ -94,7 +99,7 @@ def run_sweep(sweep: Sweep, with_limits: bool = True, progress: Callable[[str], 
     for index, case in enumerate(cases, 1):
         progress(f"[{index}/{len(cases)}] {case.key}: warm-up {case.warmup} + {case.repetitions} repetitions")
         start = time.perf_counter()
-        record = run_case(case, progress)
+        record = executor.run_case(case, progress)
         record["provenance"] = {**prov, "threads": record.get("threads", case.threads)}
         if record["status"] == "ok":
             attach_roofline(record, limits)
@@ -115,6 +120,16 @@ def run_case(case: BenchCase, progress: Callable[[str], None] = _progress) -> di
         return {"key": case.key, "name": case.name, "source": case.source.label, "status": "failed",
                 "note": result.get("note", ""), "case": case.to_dict()}
     return result
+
+
+class LocalExecutor:
+    """Each case and each limits measurement in a fresh subprocess on this machine."""
+
+    measure_limits = staticmethod(measure_limits)
+    run_case = staticmethod(run_case)
+
+
+LOCAL = LocalExecutor()
 
 
 def load_document(path: str) -> dict:

@@ -13,7 +13,17 @@ def now_ms() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's own peak resident set size (not system-wide memory)."""
+    """This process's own peak resident set size (not system-wide memory).
+
+    On Linux ``ru_maxrss`` survives fork + exec: a fresh bench worker would report its parent's peak
+    when that was larger. ``VmHWM`` in /proc/self/status belongs to this process image alone."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -58,3 +58,15 @@ def test_fps_sampling_and_frame_cap(demo_video):
     pipeline = Pipeline.from_preset(get_preset("tiny"), max_context=256)
     list(pipeline.stream(demo_video, "hi", max_new_tokens=1, video=VideoOptions(policy="fps", sample_fps=2.0)))
     assert pipeline.last_stats.frames == 4  # 2 s at 2 fps, under the cap of 8
+
+
+def test_peak_rss_is_this_process_not_its_parent():
+    """A child exec'd from a process with a large peak reports its own, small peak (ru_maxrss would not)."""
+    import subprocess
+    import sys
+
+    code = ("import subprocess, sys; big = bytearray(600 * 2**20); big[::4096] = b'x' * len(big[::4096]); "
+            "print(subprocess.run([sys.executable, '-c', 'from sfedge.runtime.stats import peak_rss_bytes; "
+            "print(peak_rss_bytes())'], capture_output=True, text=True, check=True).stdout)")
+    child_peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    assert child_peak < 400 * 2**20, child_peak

@@ -23,14 +23,18 @@ SUBCOMMANDS = {
     "bench": ("sfedge.cli.bench", "benchmark artifact folders: per-stage latency, memory, sweeps, regression gate"),
     "make-video": ("sfedge.cli.make_video", "write a short synthetic test video"),
     "chat": ("sfedge.cli.chat", "chat about a video: its prefix is encoded once, each question prefills only itself"),
+    "plan": ("sfedge.cli.plan", "frame counts / SlowFast specs / recipes that fit a TTFT and memory budget, from device profiles"),
 }
+LIGHT_COMMANDS = ("plan",)  # answered without importing the other subcommands (and torch): see build_parser(only=)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfedge", description="SlowFast-LLaVA-1.5 video LLMs on phones and laptops.")
     parser.add_argument("--version", action="version", version=f"sfedge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if only and name != only:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -56,7 +60,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_libraries()
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words and words[0] in LIGHT_COMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)

@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "the report says how many repetitions would decide)")
     gate.add_argument("--inject-delay-ms", type=float, default=0.0,
                       help="test hook: sleep this long in every decode step (to check that the gate catches a slowdown)")
+    from sfedge.benchmarks import costmodel_bench
+
+    costmodel_bench.add_arguments(parser)
 
 
 def _sources(args):
@@ -137,10 +140,12 @@ def run(args: argparse.Namespace) -> int:
     from sfedge.benchmarks.cases import Sweep, parse_int_list, parse_str_list
     from sfedge.benchmarks.gate import check_baseline, compare, parse_threshold
     from sfedge.benchmarks.printers import render
+    from sfedge.benchmarks import costmodel_bench
     from sfedge.benchmarks.runner import load_document, run_sweep
     from sfedge.runtime.video import make_demo_video
 
     _check(args)
+    profile = costmodel_bench.load_validation_profile(args)
     threshold = parse_threshold(args.max_regression)
     baseline = load_document(args.baseline) if args.baseline else None
     if baseline is not None:
@@ -164,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
             if args.plot:
                 _plots(args.plot, {"results": []}, sources, slowfast, frames)
             return 0
-        document = run_sweep(sweep, with_limits=not args.no_limits)
+        if args.profile_out:
+            return costmodel_bench.profile_out(args, sweep)
+        if profile is not None:
+            costmodel_bench.check_profile_applies(profile, args.validate, sources)
+        executor = costmodel_bench.executor(args)
+        document = run_sweep(sweep, with_limits=not args.no_limits, executor=executor)
     text = render(document, args.output)
     if args.out:
         _write(args.out, text)
@@ -173,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if args.plot:
         _plots(args.plot, document, sources, slowfast, frames)
+    if profile is not None:
+        print(costmodel_bench.validation_table(profile, args.validate, document))
     if args.save_baseline:
         _write(args.save_baseline, render(document, "json"))
         print(f"saved baseline {args.save_baseline}", file=sys.stderr)

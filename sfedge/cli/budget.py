@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=positive_int, help="context to check against (default: the model's)")
     parser.add_argument("--llm", metavar="DIR", help="take the tokenizer (and LLM shape) from this Hugging Face folder")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--profile", metavar="FILE", help="device profile (sfedge bench DIR --profile-out FILE): add predicted "
+                                                          "stage times, TTFT, decode tok/s and peak RSS")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,5 +26,10 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(model_config(args), WeightsSource(llm_dir=args.llm))
     text_tokens = template_text_tokens(config, args.prompt, args.llm)
     budget = compute_budget(config, text_tokens, max_new_tokens=args.max_new_tokens, context=args.context)
+    if args.profile:
+        from sfedge.benchmarks.costmodel import budget_with_prediction
+
+        print(budget_with_prediction(args.profile, config, budget, args.json))
+        return 0
     print(json.dumps(budget.to_dict(), indent=2) if args.json else format_budget(budget))
     return 0

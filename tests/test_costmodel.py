@@ -1,0 +1,184 @@
+"""Cost model: fits recover known coefficients from synthetic timings, predictions add up, the plan
+ranks and filters, extrapolation is flagged, a profile from another backend/export is refused, and a
+real profile of the eager tiny preset is measured and validated end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from sfedge.benchmarks.costmodel import (SCHEMA, DeviceProfile, Machine, ProfiledModel, check_applies_to_folder,
+                                         fit_linear, load_profile, predict, prefill_ms)
+from sfedge.benchmarks.plan import candidates, parse_bytes, parse_duration_ms
+from sfedge.cli import main
+from sfedge.errors import SfedgeError, UsageError
+
+# a made-up machine/model: the true costs the synthetic timings are drawn from
+TRUE = {"video": (5.0, 2.0), "encode": (3.0, 40.0), "projector": (1.0, 0.5), "prefill": (0.8, 0.0004),
+        "decode": (20.0, 0.002), "activation": (50e6, 4e6)}
+
+
+def _line(name, xs, noise=0.0, rng=None):
+    a, b = TRUE[name]
+    return [(x, (a + b * x) * (1 + (rng.uniform(-noise, noise) if rng else 0.0))) for x in xs]
+
+
+def synthetic_profile(preset="sf-llava-1.5-1b", backend="executorch", sha="ab" * 32, frames=(4, 16), noise=0.0,
+                      max_position=1000) -> DeviceProfile:
+    rng = random.Random(0)
+    fits = {
+        "video_ms": fit_linear(_line("video", frames, noise, rng), "frames", "ms"),
+        "encode_call_ms": fit_linear(_line("encode", [1, 2, 4], noise, rng), "frames_per_call", "ms"),
+        "projector_ms": fit_linear(_line("projector", frames, noise, rng), "frames", "ms"),
+        "embed_ms": fit_linear([(40, 2.0)], "text_tokens", "ms"),
+        "prefill_ms_per_token": fit_linear(_line("prefill", range(32, max_position, 64), noise, rng), "position", "ms_per_token"),
+        "decode_ms_per_token": fit_linear(_line("decode", [3.5, 200, 600, max_position - 10], noise, rng), "position", "ms_per_token"),
+        "activation_bytes": fit_linear(_line("activation", frames, noise, rng), "frames", "bytes"),
+    }
+    model = ProfiledModel(label="x", preset=preset, backend=backend, recipe="8da4w", manifest_sha256=sha,
+                          slowfast="slowfast-slow_32frms_spatial_2d_avg_pool-fast_6x6", max_context=16384, prefill_chunk=128,
+                          encoder_batch=0, frame_counts=(16,), text_tokens=40, kv_dtype="fp32", kv_bytes_per_token=57344)
+    machine = Machine(cpu="test", cores=2, threads=2, read_gb_s=30.0, copy_gb_s=40.0, matmul_gflop_s=200.0, hostname="h")
+    return DeviceProfile(schema=SCHEMA, created="now", machine=machine, model=model, fits=fits, rss_start_bytes=100 << 20,
+                         rss_loaded_bytes=1500 << 20, frames=tuple(frames), max_position=max_position)
+
+
+def test_fit_recovers_known_coefficients():
+    rng = random.Random(1)
+    for name, (a, b) in TRUE.items():
+        exact = fit_linear(_line(name, [1, 3, 7, 20]), "x", "y")
+        assert exact.intercept == pytest.approx(a, rel=1e-9) and exact.slope == pytest.approx(b, rel=1e-9)
+        assert exact.rms_residual == pytest.approx(0.0, abs=1e-6 * a)
+        span = 4 * a / b  # x range where the slope term reaches 4x the constant
+        noisy = fit_linear(_line(name, [span * i / 30 for i in range(1, 31)], 0.02, rng), "x", "y")  # +-2 % noise
+        top = a + b * span
+        assert noisy.slope == pytest.approx(b, rel=0.05) and noisy.intercept == pytest.approx(a, abs=0.02 * top)
+        assert 0 < noisy.relative_rms < 0.03
+    single = fit_linear([(8, 16.0)], "frames", "ms")
+    assert (single.intercept, single.slope) == (0.0, 2.0) and "proportional" in single.note
+    per_token = fit_linear([(300, 2.0)], "position", "ms_per_token", single_x="constant")
+    assert (per_token.intercept, per_token.slope) == (2.0, 0.0)
+    flat = fit_linear([(1, 5.0), (2, 4.0)], "p", "ms", nonnegative_slope=True)
+    assert flat.slope == 0.0 and flat.intercept == 4.5
+
+
+def test_prediction_adds_up_the_stages():
+    profile = synthetic_profile()
+    p = predict(profile, frames=16, visual_tokens=800, slowfast="s", text_tokens=40, gen_tokens=32)
+    a, b = TRUE["prefill"]
+    assert prefill_ms(profile.fits["prefill_ms_per_token"], 840) == pytest.approx(sum(a + b * i for i in range(840)))
+    assert p.stages_ms["vision_encode"] == pytest.approx(3.0 + 40.0 * 16)  # one dynamic-batch call
+    assert p.ttft_ms == pytest.approx(sum(p.stages_ms.values()))
+    assert p.decode_tokens_per_s == pytest.approx(1000 / (20.0 + 0.002 * 840))
+    assert p.peak_rss_bytes == pytest.approx((1500 << 20) + 57344 * 872 + 50e6 + 4e6 * 16, rel=1e-6)
+    static = dataclasses.replace(profile, model=dataclasses.replace(profile.model, encoder_batch=4))
+    assert predict(static, 10, 800, "s").stages_ms["vision_encode"] == pytest.approx(3 * (3.0 + 40.0 * 4))  # 3 padded calls
+
+
+def test_extrapolation_is_flagged():
+    profile = synthetic_profile(frames=(4, 16), max_position=1000)
+    assert predict(profile, 8, 300, "s").warnings == ()
+    far = predict(profile, 128, 9216, "s")
+    assert any("outside the profiled 4-16" in w for w in far.warnings)
+    assert any("past the profiled position 1000" in w for w in far.warnings)
+    assert far.extrapolated
+
+
+def test_plan_ranks_by_visual_tokens_and_filters():
+    profiles = [("et.json", synthetic_profile()), ("onnx.json", synthetic_profile(backend="onnx"))]
+    ranked = candidates(profiles, max_ttft_ms=parse_duration_ms("5s", "--max-ttft"), max_rss_bytes=parse_bytes("3GiB", "--max-rss"))
+    fitting = [c for c in ranked if c.fits]
+    assert fitting and len(fitting) < len(ranked)
+    assert ranked[:len(fitting)] == fitting  # fitting first
+    tokens = [c.prediction.visual_tokens for c in fitting]
+    assert tokens == sorted(tokens, reverse=True)
+    assert all(c.prediction.ttft_ms <= 5000 and c.prediction.peak_rss_bytes <= 3 * 2**30 for c in fitting)
+    assert all(("TTFT" in c.reason or "RSS" in c.reason or "context" in c.reason) for c in ranked if not c.fits)
+    assert {c.prediction.backend for c in ranked} == {"executorch", "onnx"}
+    with pytest.raises(UsageError, match="--max-ttft"):
+        parse_duration_ms("fast", "--max-ttft")
+    assert parse_bytes("800MiB", "--max-rss") == 800 * 2**20
+
+
+def test_plan_cli_is_light(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(synthetic_profile().to_json())
+    code = ("import sys; from sfedge.cli import main; "
+            f"rc = main(['plan', '--profile', {str(path)!r}, '--max-ttft', '10s', '--max-rss', '3GiB', '--model', "
+            f"'sf-llava-1.5-1b', '--plot', {str(tmp_path / 'plan.png')!r}]); "
+            "assert 'torch' not in sys.modules, 'plan imported torch'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "candidates fit TTFT <= 10 s" in done.stdout and (tmp_path / "plan.png").stat().st_size > 0
+    assert main(["plan", "--profile", str(path), "--model", "tiny", "--no-plot"]) == 1  # another preset: refused
+
+
+def test_profile_round_trip_and_bad_files(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    profile = synthetic_profile()
+    path.write_text(profile.to_json())
+    assert load_profile(str(path)) == profile
+    path.write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(SfedgeError, match="not an sfedge device profile"):
+        load_profile(str(path))
+    path.write_text(profile.to_json())
+    assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "128", "--profile", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    prediction = data["prediction"]
+    assert data["visual_tokens"] == prediction["visual_tokens"] == 9216 and prediction["extrapolated"]
+    assert prediction["ttft_ms"] == pytest.approx(sum(prediction["stages_ms"].values()))
+    assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "8", "--profile", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "TTFT" in text and "peak RSS" in text and "EXTRAPOLATED     context 1467 is past the profiled position 1000" in text
+    assert main(["budget", "--model", "tiny", "--profile", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read device profile" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+    from sfedge.config import get_preset
+    from sfedge.export.api import ExportOptions, export_model
+    from sfedge.models import WeightsSource
+
+    folder = tmp_path_factory.mktemp("onnx") / "tiny_onnx_fp32"
+    export_model(get_preset("tiny"), WeightsSource(seed=0),
+                 ExportOptions(backend="onnx", recipe="fp32", max_context=512, prefill_chunk=64, show_progress=False), folder)
+    return folder
+
+
+def test_profile_of_another_backend_or_export_is_refused(onnx_folder, tmp_path, capsys):
+    from sfedge.benchmarks.costmodel import manifest_sha256
+
+    right = dataclasses.replace(synthetic_profile(preset="tiny", backend="onnx", sha=manifest_sha256(str(onnx_folder))))
+    check_applies_to_folder(right, str(onnx_folder), None)
+    other_backend = dataclasses.replace(right, model=dataclasses.replace(right.model, backend="executorch"))
+    with pytest.raises(SfedgeError, match="measured on backend executorch, not onnx"):
+        check_applies_to_folder(other_backend, str(onnx_folder), None)
+    other_export = dataclasses.replace(right, model=dataclasses.replace(right.model, manifest_sha256="cd" * 32))
+    path = tmp_path / "other.json"
+    path.write_text(other_export.to_json())
+    assert main(["bench", str(onnx_folder), "--validate", str(path), "--no-limits", "-r", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "measured on another export" in err[0]
+
+
+def test_profile_and_validate_tiny_onnx(onnx_folder, demo_video, tmp_path, capsys):
+    """A real profile of a tiny ONNX export at 2 and 8 frames, then --validate at 8 frames."""
+    path = tmp_path / "device.json"
+    common = ["--threads", "1", "--no-limits", "--video", str(demo_video)]
+    assert main(["bench", str(onnx_folder), "--profile-out", str(path), "--frames", "2,8", "-r", "2", *common]) == 0
+    profile = load_profile(str(path))
+    assert profile.model.backend == "onnx" and profile.frames == (2, 8) and profile.model.prefill_chunk == 64
+    assert profile.fits["encode_call_ms"].slope > 0 and profile.max_position > 8 * 4
+    assert len(profile.fits["prefill_ms_per_token"].points) >= 1 and len(profile.fits["decode_ms_per_token"].points) == 4  # position 0, each count, 2x context
+    assert "| prefill_ms_per_token |" in capsys.readouterr().out
+    assert main(["bench", str(onnx_folder), "--validate", str(path), "-r", "1", "--gen-tokens", "8", "--output", "json",
+                 "--out", str(tmp_path / "b.json"), *common]) == 0
+    table = capsys.readouterr().out
+    for stage in ("vision_encode", "prefill", "TTFT", "decode", "peak RSS"):
+        assert f"| tiny_onnx_fp32 f8+tg8+t1 | {stage} |" in table
