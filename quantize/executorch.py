@@ -35,6 +35,11 @@ EMBEDDING_8W = ComponentScheme("8w", group_size=0)
 EMBEDDING_4W = ComponentScheme("4w", group_size=32)
 
 LINEAR_SCHEMES = ("8da4w", "8da8w")  # what quantize_linears accepts
+# Vision-encoder schemes applied while tracing (export/executorch_vision.py), not by torchao beforehand:
+# static int8 (PT2E + XNNPACKQuantizer, calibrated) and float16 inside the delegate.
+VISION_STATIC_INT8 = ComponentScheme("int8-static", group_size=0)
+VISION_FP16 = ComponentScheme("fp16")
+VISION_TRACE_SCHEMES = (VISION_STATIC_INT8.scheme, VISION_FP16.scheme)
 EMBEDDING_SCHEMES = ("8w", "4w")  # what quantize_embeddings accepts
 
 # Weight-only linear schemes: asked for by name, refused with the reason.
@@ -97,6 +102,8 @@ def quantize_component(module: nn.Module, component: str, scheme: ComponentSchem
     """Quantize ``module`` in place per ``scheme`` (before torch.export); returns the manifest's quantization dict."""
     if scheme.scheme == "fp32":
         return scheme.to_dict()
+    if component == Component.VISION_ENCODER.value and scheme.scheme in VISION_TRACE_SCHEMES:
+        return scheme.to_dict()  # applied by the exporter's tracer; the eager reference stays fp32
     embedding = component == Component.TOKEN_EMBEDDING.value
     allowed = EMBEDDING_SCHEMES if embedding else LINEAR_SCHEMES
     if scheme.scheme not in allowed:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "parity": ("sfedge.cli.parity", "compare an artifact folder with the eager model"),
     "bench": ("sfedge.cli.bench", "benchmark artifact folders: per-stage latency, memory, sweeps, regression gate"),
     "make-video": ("sfedge.cli.make_video", "write a short synthetic test video"),
+    "profile": ("sfedge.cli.profile", "per-operator times of each component of an artifact folder (ETDump / ORT profiler)"),
 }
 
 
