@@ -128,6 +128,27 @@ def measure(model: str, variants: List[Variant], out: Path, rounds: int, threads
             for label, t in times.items()}
 
 
+def profile_variants(model: str, variants: List[Variant], out: Path) -> str:
+    """An ETDump per-operator table of one call of each variant (after a warm-up call), as `sfedge profile` prints."""
+    import tempfile
+
+    from sfedge.benchmarks.op_profile import CaseProfile, rows_from_events, table
+    from sfedge.benchmarks.op_profile_backends import _etdump_events
+    from sfedge.config import get_preset
+    from sfedge.export.executorch_vision import calibration_frames
+
+    vision = get_preset(model).vision
+    profiles = []
+    with tempfile.TemporaryDirectory(prefix="sfedge_vision_probe_") as scratch:
+        for v in variants:
+            path = v.file(out)
+            frames = calibration_frames(vision.frame_size, v.batch, vision.pixel_mean, vision.pixel_std, seed=1)
+            events, total = _etdump_events(path, "vision_encoder", (frames,), 2, Path(scratch))
+            rows, by_where = rows_from_events(events, total)
+            profiles.append(CaseProfile("vision_encoder", v.label, path.name, round(total, 3), by_where, rows))
+    return table(profiles, top=12)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sfedge.benchmarks.vision_probe", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sf-llava-1.5-1b")
@@ -135,6 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="sdpa/8da8w/1,8da8w/1,int8-static/1,fp16/1,8da8w/2,int8-static/2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="then an ETDump per-operator table per variant (OUT/profile.txt)")
     parser.add_argument("--export-only", metavar="VARIANT", help=argparse.SUPPRESS)  # the subprocess step
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +183,10 @@ def main(argv=None) -> int:
     print(f"{'variant':<20} {'s/frame':>8} {'x eager':>8} {'cosine':>8}  runs")
     for label, row in results.items():
         print(f"{label:<20} {row['s_per_frame']:>8.3f} {row['vs_eager']:>8.2f} {row['cosine']:>8.5f}  {row['runs']}")
+    if args.profile:
+        profile = profile_variants(args.model, variants, args.out)
+        (args.out / "profile.txt").write_text(profile + "\n")
+        print("\n" + profile)
     return 0
 
 
