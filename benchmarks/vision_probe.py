@@ -50,13 +50,24 @@ class Variant:
         return out / f"vision_{'sdpa_' if self.sdpa else ''}{self.scheme}_b{self.batch}.pte"
 
 
+DEPTH = {"value": None}  # --depth: keep only the first N blocks (a quick proxy: the blocks are identical in cost)
+
+
+def vision_config(model: str):
+    import dataclasses
+
+    from sfedge.config import get_preset
+
+    vision = get_preset(model).vision
+    return dataclasses.replace(vision, depth=DEPTH["value"]) if DEPTH["value"] else vision
+
+
 def build_encoder(model: str, seed: int = 0):
     """The preset's vision encoder with seeded random weights (default nn init, position grid ~N(0, 0.02))."""
-    from sfedge.config import get_preset
     from sfedge.models.vision import VisionEncoder
 
     torch.manual_seed(seed)
-    encoder = VisionEncoder(get_preset(model).vision)
+    encoder = VisionEncoder(vision_config(model))
     with torch.no_grad():
         encoder.pos_embed.normal_(0.0, 0.02)
     encoder.bake_position_embedding()
@@ -134,10 +145,9 @@ def profile_variants(model: str, variants: List[Variant], out: Path) -> str:
 
     from sfedge.benchmarks.op_profile import CaseProfile, rows_from_events, table
     from sfedge.benchmarks.op_profile_backends import _etdump_events
-    from sfedge.config import get_preset
     from sfedge.export.executorch_vision import calibration_frames
 
-    vision = get_preset(model).vision
+    vision = vision_config(model)
     profiles = []
     with tempfile.TemporaryDirectory(prefix="sfedge_vision_probe_") as scratch:
         for v in variants:
@@ -157,9 +167,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="then an ETDump per-operator table per variant (OUT/profile.txt)")
+    parser.add_argument("--depth", type=int, help="keep only the first N vision blocks (quick proxy; default: all)")
     parser.add_argument("--export-only", metavar="VARIANT", help=argparse.SUPPRESS)  # the subprocess step
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    DEPTH["value"] = args.depth
     if args.export_only:
         variant = Variant.parse(args.export_only)
         print(json.dumps({variant.label: export_variant(args.model, variant, variant.file(args.out))}), flush=True)
@@ -169,7 +181,8 @@ def main(argv=None) -> int:
     log = args.out / "exports.jsonl"
     for v in variants:
         if not v.file(args.out).exists():
-            done = subprocess.run([sys.executable, "-m", "sfedge.benchmarks.vision_probe", "--model", args.model,
+            depth = ["--depth", str(args.depth)] if args.depth else []
+            done = subprocess.run([sys.executable, "-m", "sfedge.benchmarks.vision_probe", "--model", args.model, *depth,
                                    "--out", str(args.out), "--export-only", v.label], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"export of {v.label} failed:\n{done.stderr[-3000:]}")
