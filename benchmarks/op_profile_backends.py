@@ -10,6 +10,15 @@ from typing import List
 from sfedge.benchmarks.op_profile import INSIDE, OUTSIDE, PROFILERS, Case, CaseProfile, rows_from_events
 from sfedge.errors import SfedgeError
 
+def _artifact(folder: Path, file: str) -> Path:
+    """The manifest's file inside the folder (main's sfedge.manifest.artifact_path refuses paths that escape it)."""
+    try:
+        from sfedge.manifest import artifact_path
+    except ImportError:  # a tree without the containment check
+        return folder / file
+    return artifact_path(folder, file)
+
+
 ET_WRAPPERS = {"DELEGATE_CALL", "OPERATOR_CALL", "Method::execute"}  # spans that contain the op events
 ET_LOAD_PREFIXES = ("Program::", "Method::")  # load_method / init: not part of a call
 
@@ -55,7 +64,7 @@ def profile_executorch(folder: Path, cases: List[Case], runs: int, threads: int 
     with tempfile.TemporaryDirectory(prefix="sfedge_etdump_") as scratch:
         for case in cases:
             inputs = tuple(torch.from_numpy(value) for value in case.feeds.values())
-            events, total = _etdump_events(folder / case.entry.file, case.entry.method, inputs, runs, Path(scratch))
+            events, total = _etdump_events(_artifact(folder, case.entry.file), case.entry.method, inputs, runs, Path(scratch))
             rows, by_where = rows_from_events(events, total)
             profiles.append(CaseProfile(case.entry.component, case.label, case.entry.file, round(total, 3), by_where, rows))
     return profiles
@@ -95,7 +104,7 @@ def profile_onnx(folder: Path, cases: List[Case], runs: int, threads: int = 0) -
     profiles = []
     with tempfile.TemporaryDirectory(prefix="sfedge_ort_profile_") as scratch:
         for case in cases:
-            trace = _ort_trace(folder / case.entry.file, case.feeds, runs, threads, Path(scratch))
+            trace = _ort_trace(_artifact(folder, case.entry.file), case.feeds, runs, threads, Path(scratch))
             events, total = _ort_events(trace)
             rows, by_where = rows_from_events(events, total)
             profiles.append(CaseProfile(case.entry.component, case.label, case.entry.file, round(total, 3), by_where, rows))
