@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sfedge.benchmarks.op_profile import INSIDE, OUTSIDE, cases, feeds_for, op_kind, rows_from_events
+from sfedge.benchmarks.op_profile import INSIDE, OUTSIDE, feeds_for, op_kind, rows_from_events
 from sfedge.config import get_preset
 from sfedge.errors import SfedgeError
 from sfedge.manifest import ArtifactEntry, TensorSpec
