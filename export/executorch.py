@@ -33,10 +33,13 @@ from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
 from sfedge.export.executorch_llm import use_custom_ops
+from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
 TOKENS = "tokens"  # the symbolic sequence dim in the manifest and in torch.export
 QUANTIZER = "torchao via executorch.extension.llm.export.quantize.quantize_model_"
+VISION_TOOLS = {"8da8w": QUANTIZER, "int8-static": "PT2E: torchao prepare_pt2e/convert_pt2e + XNNPACKQuantizer (calibrated)",
+                "fp16": "torch float16 weights and activations inside the XNNPACK delegate"}
 
 
 def _executorch():
@@ -81,6 +84,19 @@ def lower_programs(programs: Dict[str, "torch.export.ExportedProgram"], constant
     return program.buffer
 
 
+def lower_checked(programs: Dict[str, "torch.export.ExportedProgram"]) -> tuple:
+    """As ``lower_programs(..., per_op_linears=False)``, also returning method -> {op: count} of the
+    non-trivial ops left outside the XNNPACK delegate (run by portable kernels)."""
+    et = _executorch()
+    edge = et["to_edge_transform_and_lower"](
+        programs, partitioner={name: [et["XnnpackPartitioner"]()] for name in programs},
+        compile_config=et["EdgeCompileConfig"](_check_ir_validity=False))
+    outside = {name: nontrivial_ops_outside(edge.exported_program(name)) for name in programs}
+    program = edge.to_executorch(et["ExecutorchBackendConfig"](
+        extract_delegate_segments=True, memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=False)))
+    return program.buffer, outside
+
+
 def _trace(module: nn.Module, args: tuple, dynamic_shapes=None) -> "torch.export.ExportedProgram":
     with torch.no_grad():
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
@@ -104,15 +120,17 @@ def export_vision_encoder(model: SFLlava, options: ExportOptions, recipe: Recipe
     batch, size = options.encoder_batch, vision.frame_size
     if batch < 1:
         raise UsageError(f"--encoder-batch must be >= 1, got {batch}")
-    quantization = _quantize(model.vision_encoder, component, recipe, progress)
-    with progress.stage(component.value, "trace"):
-        program = _trace(model.vision_encoder, (torch.zeros(batch, 3, size, size),))
+    scheme = recipe.scheme(component)
+    with progress.stage(component.value, "quantize + trace"):
+        program = trace_vision_encoder(model.vision_encoder, scheme, batch)
     with progress.stage(component.value, "lower"):
-        data = lower_programs({METHOD_VISION_ENCODER: program}, per_op_linears=False)
+        data, outside = lower_checked({METHOD_VISION_ENCODER: program})
     _write(folder, file, data, component.value, progress)
+    quantization = {**scheme.to_dict(), "tool": VISION_TOOLS.get(scheme.scheme)}
     return artifact_entry(folder, component.value, file, [TensorSpec("pixels", [batch, 3, size, size], "float32")],
                           [TensorSpec("features", [batch, vision.patches_per_frame, vision.width], "float32")],
-                          quantization, METHOD_VISION_ENCODER, encoder_batch=batch)
+                          quantization, METHOD_VISION_ENCODER, encoder_batch=batch,
+                          ops_outside_delegate=outside[METHOD_VISION_ENCODER])
 
 
 def export_projectors(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,

@@ -24,7 +24,8 @@ import sfedge.export.executorch as et_export  # noqa: E402  (registers the expor
 
 MAX_CONTEXT, CHUNK, BATCH = 128, 32, 2
 RECIPES = recipe_names("executorch")
-EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4"}
+EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4",
+                    "8da4w-vstatic"}
 
 
 # The tiny preset cut to one LLM layer and one vision block (XNNPACK lowering costs seconds per

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "make-video": ("sfedge.cli.make_video", "write a short synthetic test video"),
     "chat": ("sfedge.cli.chat", "chat about a video: its prefix is encoded once, each question prefills only itself"),
     "plan": ("sfedge.cli.plan", "frame counts / SlowFast specs / recipes that fit a TTFT and memory budget, from device profiles"),
+    "profile": ("sfedge.cli.profile", "per-operator times of each component of an artifact folder (ETDump / ORT profiler)"),
 }
 LIGHT_COMMANDS = ("plan",)  # answered without importing the other subcommands (and torch): see build_parser(only=)
 
