@@ -28,7 +28,7 @@ from sfedge.manifest import (
     TensorSpec,
 )
 from sfedge.models import SFLlava
-from sfedge.quantize.executorch import embedding_table_bytes, quantize_component
+from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
@@ -157,8 +157,9 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     decoder_q = _quantize(model.text_decoder, Component.TEXT_DECODER, recipe, progress)
     tokens = torch.export.Dim(TOKENS, min=1, max=chunk)
     example = min(2, chunk)
+    kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
     with progress.stage(Component.TEXT_DECODER.value, "trace"):
-        use_custom_ops(model.text_decoder)
+        use_custom_ops(model.text_decoder, attention, kv_dtype)
         programs = {
             METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
                                            ({1: tokens},)),
@@ -179,7 +180,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
         folder, Component.TEXT_DECODER.value, file,
         [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
         [TensorSpec("logits", [1, llm.vocab_size], "float32")], decoder_q, METHOD_TEXT_DECODER,
-        attention="llama.update_cache + llama.custom_sdpa", last_logits_only=True, **shared)
+        attention=f"llama.update_cache + llama.custom_sdpa ({attention})", attention_mode=attention, kv_dtype=kv_dtype,
+        last_logits_only=True, **shared)
     return [embedding, decoder]
 
 
