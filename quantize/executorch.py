@@ -77,9 +77,10 @@ register_recipe(Recipe("8da4w-emb4", BACKEND, "8da4w with an int4 (group 32) tok
 
 # --- The LLM's default and its KV-cache / attention options (text_decoder scheme options) ---------
 # ``kv_dtype``: the cache dtype (float32 / float16 / bfloat16: llama.custom_sdpa and update_cache take
-# all three). ``attention``: "causal" (reads the cached prefix, one query row per head) or
+# all three). ``attention``: "causal" (reads the cached prefix, one query row per head),
 # "gqa-masked" (the query heads of a kv head folded into one GEMM over the whole cache: decode cost
-# flat in the context, set by --max-context). See export/executorch_llm.py and docs/executorch.md.
+# flat in the context, set by --max-context) or "switch" (both methods, the runtime picks by position).
+# See export/executorch_llm.py and docs/executorch.md.
 KV_DTYPE_DEFAULT, ATTENTION_DEFAULT = "float32", "causal"
 
 
@@ -102,11 +103,11 @@ register_recipe(Recipe("8da4w-kv16", BACKEND, "8da4w with a float16 KV cache (ha
                        _llm(_with_options(LINEAR_8DA4W_G32, kv_dtype="float16"), EMBEDDING_4W), INT4_TOLERANCE))
 register_recipe(Recipe("8da4w-kvbf16", BACKEND, "8da4w with a bfloat16 KV cache (half the cache bytes)",
                        _llm(_with_options(LINEAR_8DA4W_G32, kv_dtype="bfloat16"), EMBEDDING_4W), INT4_TOLERANCE))
-register_recipe(Recipe("8da4w-flat", BACKEND, "8da4w with gqa-masked attention: decode as fast at the end of the cache as at its "
-                       "start (cost set by --max-context: size it to the prompt)",
-                       _llm(_with_options(LINEAR_8DA4W_G32, attention="gqa-masked"), EMBEDDING_4W), INT4_TOLERANCE))
-register_recipe(Recipe("fp32-flat", BACKEND, "fp32 everywhere with gqa-masked attention (parity of the attention mode alone)",
-                       {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "gqa-masked"})},
+register_recipe(Recipe("8da4w-flat", BACKEND, "8da4w plus a second decode method (gqa-masked, over the same KV cache) used "
+                       "past 30% of --max-context: decode stays flat as the context grows",
+                       _llm(_with_options(LINEAR_8DA4W_G32, attention="switch"), EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("fp32-flat", BACKEND, "fp32 everywhere with the flat decode method of 8da4w-flat (parity of the attention alone)",
+                       {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "switch"})},
                        FP32_TOLERANCE))
 
 
