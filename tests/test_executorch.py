@@ -110,6 +110,10 @@ def test_parity_per_recipe(export_dir, recipe: str):
 def test_pte_methods_and_constants(fp32_folder: Path):
     session = open_session(fp32_folder)
     programs = session._programs
+    assert set(programs) == {"llm.pte"}  # the other components load on first use
+    session.encode(torch.zeros(1, 3, 64, 64))
+    session.project(torch.zeros(8, 16, 64))
+    session.project(torch.zeros(4, 16, 64))
     assert programs["vision_encoder.pte"].method_names == {"vision_encoder"}
     assert programs["projector.pte"].method_names == {"projector"}
     assert programs["projector_f4.pte"].method_names == {"projector"}
