@@ -83,7 +83,7 @@ def test_unknown_options_are_refused(eager_decoder):
 def test_recipe_options():
     assert decoder_options(get_recipe("executorch", "8da4w").scheme(Component.TEXT_DECODER)) == ("float32", "causal")
     assert decoder_options(get_recipe("executorch", "8da4w-kv16").scheme(Component.TEXT_DECODER))[0] == "float16"
-    assert decoder_options(get_recipe("executorch", "8da4w-flat").scheme(Component.TEXT_DECODER))[1] == "gqa-masked"
+    assert decoder_options(get_recipe("executorch", "8da4w-flat").scheme(Component.TEXT_DECODER))[1] == "switch"
     default = get_recipe("executorch", "8da4w")
     assert default.scheme(Component.TOKEN_EMBEDDING).scheme == "4w"
     assert get_recipe("executorch", "8da4w-embfp32").scheme(Component.TOKEN_EMBEDDING).scheme == "fp32"
