@@ -28,11 +28,11 @@ from sfedge.manifest import (
     TensorSpec,
 )
 from sfedge.models import SFLlava
-from sfedge.quantize.executorch import embedding_table_bytes, quantize_component
+from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
-from sfedge.export.executorch_llm import use_custom_ops
+from sfedge.export.executorch_llm import METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
@@ -64,11 +64,12 @@ def _partitioners(et: dict) -> list:
 
 
 def lower_programs(programs: Dict[str, "torch.export.ExportedProgram"], constant_methods: dict | None = None,
-                   per_op_linears: bool = True) -> bytes:
+                   per_op_linears: bool = True, share_mutable_buffers: bool = False) -> bytes:
     """Lower torch.export programs (one per method) with XNNPACK into one .pte; returns its bytes.
 
     ``per_op_linears=False`` uses one partitioner (fewer, larger partitions: faster to lower, fine for the
-    small vision / projector weights)."""
+    small vision / projector weights). ``share_mutable_buffers``: methods read and write one copy of
+    each buffer of the same name (two decoder methods over one KV cache)."""
     et = _executorch()
     partitioners = _partitioners(et) if per_op_linears else [et["XnnpackPartitioner"]()]
     edge = et["to_edge_transform_and_lower"](
@@ -79,7 +80,8 @@ def lower_programs(programs: Dict[str, "torch.export.ExportedProgram"], constant
     program = edge.to_executorch(et["ExecutorchBackendConfig"](
         extract_delegate_segments=True,
         do_quant_fusion_and_const_prop=True,  # quantized embeddings -> ExecuTorch's quantized kernels
-        memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=False),
+        memory_planning_pass=et["MemoryPlanningPass"](alloc_graph_input=False, share_mutable_buffers=share_mutable_buffers),
+        **({"emit_mutable_buffer_names": True} if share_mutable_buffers else {}),
     ))
     return program.buffer
 
@@ -175,19 +177,26 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     decoder_q = _quantize(model.text_decoder, Component.TEXT_DECODER, recipe, progress)
     tokens = torch.export.Dim(TOKENS, min=1, max=chunk)
     example = min(2, chunk)
+    kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
     with progress.stage(Component.TEXT_DECODER.value, "trace"):
-        use_custom_ops(model.text_decoder)
+        use_custom_ops(model.text_decoder, "causal" if attention == "switch" else attention, kv_dtype)
         programs = {
             METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
                                            ({1: tokens},)),
             METHOD_TEXT_DECODER: _trace(model.text_decoder, (torch.zeros(1, example, llm.hidden),
                                                              torch.zeros(1, dtype=torch.long)), ({1: tokens}, None)),
         }
+        if attention == "switch":  # + a T = 1 decode method over the same cache, gqa-masked
+            set_attention_mode(model.text_decoder, "gqa-masked")
+            programs[METHOD_DECODE_FLAT] = _trace(model.text_decoder, (torch.zeros(1, 1, llm.hidden),
+                                                                       torch.zeros(1, dtype=torch.long)))
     constants = constant_methods(model, options.max_context)
     with progress.stage("llm", "lower"):
-        data = lower_programs(programs, constants)
+        data = lower_programs(programs, constants, share_mutable_buffers=attention == "switch")
     _write(folder, file, data, "llm", progress)
     shared = dict(max_seq_len=options.max_context, prefill_chunk=chunk, constant_methods=constants)
+    flat = (dict(decode_method=METHOD_DECODE_FLAT, decode_method_from_position=flat_from_position(options.max_context))
+            if attention == "switch" else {})
     embedding = artifact_entry(
         folder, Component.TOKEN_EMBEDDING.value, file, [TensorSpec("token_ids", [1, TOKENS], "int64")],
         [TensorSpec("embeds", [1, TOKENS, llm.hidden], "float32")], embed_q, METHOD_TOKEN_EMBEDDING,
@@ -197,7 +206,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
         folder, Component.TEXT_DECODER.value, file,
         [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
         [TensorSpec("logits", [1, llm.vocab_size], "float32")], decoder_q, METHOD_TEXT_DECODER,
-        attention="llama.update_cache + llama.custom_sdpa", last_logits_only=True, **shared)
+        attention=f"llama.update_cache + llama.custom_sdpa ({attention})", attention_mode=attention, kv_dtype=kv_dtype,
+        last_logits_only=True, **flat, **shared)
     return [embedding, decoder]
 
 

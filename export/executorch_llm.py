@@ -1,10 +1,31 @@
 """The LLM made fast for ExecuTorch: CachedAttention swapped for ExecuTorch's custom LLM ops.
 
 ``torch.ops.llama.update_cache`` writes k/v into the static cache in place at ``start_pos`` and
-``torch.ops.llama.custom_sdpa`` attends causally over positions ``0 .. start_pos + T - 1`` with
-grouped-query heads natively (no repeat_interleave, no [T, max_seq_len] mask). Both read the cache
-in the [1, max_seq_len, kv_heads, head_dim] layout sfedge's KVCache already uses, so the swap reuses
-the same buffers. One method serves prefill (T > 1) and decode (T = 1) on one shared KV cache.
+``torch.ops.llama.custom_sdpa`` attends over the cache with grouped-query heads natively (no
+repeat_interleave). Both read the cache in the [1, max_seq_len, kv_heads, head_dim] layout sfedge's
+KVCache already uses, so the swap reuses the same buffers. One method serves prefill (T > 1) and
+decode (T = 1) on one shared KV cache.
+
+Two attention modes (``ATTENTION_MODES``), chosen per recipe:
+
+* ``causal``: ``custom_sdpa(..., is_causal=True)`` reads positions ``0 .. start_pos + T - 1`` only,
+  but runs one query row per head: for T = 1 each of the ``heads`` rows is its own M = 1 GEMV over
+  its kv head (a kv head is read ``heads / kv_heads`` times), 1.6-3 GB/s on a 2-core Xeon.
+* ``gqa-masked``: the ``heads / kv_heads`` query heads that share a kv head are folded into the query
+  rows (q [1, T*R, kv_heads, D]) with a float mask that hides the future: one M = T*R GEMM per kv head
+  that reads the cache once, but over the whole ``max_seq_len`` (the kernel takes a mask only without
+  ``is_causal``, and then attends over every cached position). Decode costs the same at any context
+  (set by ``--max-context``): 3-4x faster than ``causal`` near the end of the cache, slower early on.
+
+A recipe asks for ``causal``, ``gqa-masked`` or ``switch``: ``switch`` exports both, sharing one KV
+cache (``share_mutable_buffers``): ``text_decoder`` (causal, T in 1..chunk) for prefill and early
+decode, and ``text_decoder_flat`` (gqa-masked, T = 1) that the runtime uses for decode from position
+``FLAT_FROM_FRACTION * max_seq_len`` on, where the full-cache pass gets cheaper than the causal one
+(sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per cached position, gqa-masked ~0.3 us per
+cache slot).
+
+The KV cache dtype (``KV_DTYPES``) is float32, float16 or bfloat16 (custom_sdpa and update_cache
+take all three; q is cast to the cache dtype, the output back to float32).
 """
 from __future__ import annotations
 
@@ -13,6 +34,16 @@ from torch import nn
 
 from sfedge.errors import UsageError
 from sfedge.models.llm import CachedAttention, KVCache, TextDecoder
+
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ATTENTION_MODES = ("causal", "gqa-masked")
+EXPORT_ATTENTION = (*ATTENTION_MODES, "switch")  # what a recipe may ask for
+METHOD_DECODE_FLAT = "text_decoder_flat"
+FLAT_FROM_FRACTION = 0.3
+
+
+def flat_from_position(max_seq_len: int) -> int:
+    return int(max_seq_len * FLAT_FROM_FRACTION)
 
 
 def load_custom_ops() -> None:
@@ -23,33 +54,71 @@ def load_custom_ops() -> None:
         raise UsageError(f"the ExecuTorch exporter needs {exc.name}: pip install 'sfedge[executorch]'") from None
 
 
+def kv_torch_dtype(name: str) -> torch.dtype:
+    if name not in KV_DTYPES:
+        raise UsageError(f"KV-cache dtype {name!r} is not supported by the ExecuTorch custom ops; use one of: {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[name]
+
+
 class CustomOpAttention(nn.Module):
     """Drop-in for ``CachedAttention``: same forward signature, ExecuTorch custom ops inside."""
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, mode: str = "causal"):
         super().__init__()
+        if mode not in ATTENTION_MODES:
+            raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
         self.cache = cache
+        self.mode = mode
         self.max_seq_len = cache.k_cache.shape[1]
 
     def forward(self, q, k, v, positions, start_pos, mask):  # q [1,T,H,D], k/v [1,T,Hkv,D]; mask unused
         seq_len = q.shape[1]
         start = start_pos[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + seq_len <= self.max_seq_len)
-        torch.ops.llama.update_cache(k.to(self.cache.k_cache.dtype), self.cache.k_cache, start)
-        torch.ops.llama.update_cache(v.to(self.cache.v_cache.dtype), self.cache.v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, self.cache.k_cache, self.cache.v_cache, start, None, 0.0, True)
-        return out.reshape(q.shape[0], seq_len, -1)
+        dtype = self.cache.k_cache.dtype
+        torch.ops.llama.update_cache(k.to(dtype), self.cache.k_cache, start)
+        torch.ops.llama.update_cache(v.to(dtype), self.cache.v_cache, start)
+        if self.mode == "causal":
+            out = torch.ops.llama.custom_sdpa(q.to(dtype), self.cache.k_cache, self.cache.v_cache, start, None, 0.0, True)
+        else:
+            out = self._gqa_masked(q.to(dtype), start, seq_len)
+        return out.to(q.dtype).reshape(q.shape[0], seq_len, -1)
+
+    def _gqa_masked(self, q, start, seq_len):
+        """Fold the R query heads of each kv head into the rows: row t*R + r is token t, head h*R + r."""
+        _, _, heads, dim = q.shape
+        kv_heads = self.cache.k_cache.shape[2]
+        reps = heads // kv_heads
+        folded = q.reshape(1, seq_len, kv_heads, reps, dim).permute(0, 1, 3, 2, 4).reshape(1, seq_len * reps, kv_heads, dim)
+        last = (torch.arange(seq_len, device=q.device) + start)[:, None].expand(seq_len, reps).reshape(-1)  # last visible position per row
+        visible = torch.arange(self.max_seq_len, device=q.device)[None, :] <= last[:, None]
+        attn_mask = torch.where(visible, 0.0, float("-inf")).to(torch.float32)
+        out = torch.ops.llama.custom_sdpa(folded, self.cache.k_cache, self.cache.v_cache, 0, attn_mask, 0.0, False)
+        return out.reshape(1, seq_len, reps, kv_heads, dim).permute(0, 1, 3, 2, 4).reshape(1, seq_len, heads * dim)
 
 
-def use_custom_ops(decoder: TextDecoder) -> int:
-    """Swap every CachedAttention of ``decoder`` in place; returns how many were swapped."""
+def set_attention_mode(decoder: TextDecoder, mode: str) -> None:
+    """Switch every swapped attention of ``decoder`` to ``mode`` (the caches stay)."""
+    if mode not in ATTENTION_MODES:
+        raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
+    for layer in decoder.layers:
+        if isinstance(layer.self_attn.attend, CustomOpAttention):
+            layer.self_attn.attend.mode = mode
+
+
+def use_custom_ops(decoder: TextDecoder, mode: str = "causal", kv_dtype: str = "float32") -> int:
+    """Swap every CachedAttention of ``decoder`` in place (cache re-allocated in ``kv_dtype``); returns how many."""
     load_custom_ops()
+    dtype = kv_torch_dtype(kv_dtype)
     swapped = 0
     for layer in decoder.layers:
         attention = layer.self_attn
         if isinstance(attention.attend, CachedAttention):
-            attention.attend = CustomOpAttention(attention.attend.cache)
+            cache = attention.attend.cache
+            if cache.k_cache.dtype != dtype:
+                cache.k_cache = cache.k_cache.to(dtype)
+                cache.v_cache = cache.v_cache.to(dtype)
+            attention.attend = CustomOpAttention(cache, mode)
             swapped += 1
     return swapped
-

@@ -77,18 +77,52 @@ def _with_vision(parts: dict, vision: ComponentScheme) -> dict:
 register_recipe(Recipe("fp32", BACKEND, "fp32 everywhere (the parity baseline)", uniform(FP32), FP32_TOLERANCE))
 register_recipe(Recipe("8da8w", BACKEND, "int8 dynamic activations x int8 per-channel weights for every linear; fp32 token embedding",
                        _llm(LINEAR_8DA8W), INT8_TOLERANCE))
-register_recipe(Recipe("8da4w", BACKEND, "LLM linears int8 dyn. act. x int4 weights group 32; vision + projector 8da8w; fp32 token embedding",
-                       _llm(LINEAR_8DA4W_G32), INT4_TOLERANCE))
 register_recipe(Recipe("8da4w-g128", BACKEND, "as 8da4w with weight groups of 128 (smaller, slightly less exact)",
                        _llm(LINEAR_8DA4W_G128), INT4_TOLERANCE))
-register_recipe(Recipe("8da4w-emb8", BACKEND, "8da4w plus an int8 per-row token embedding",
+register_recipe(Recipe("8da4w-emb8", BACKEND, "8da4w with an int8 per-row token embedding",
                        _llm(LINEAR_8DA4W_G32, EMBEDDING_8W), INT4_TOLERANCE))
-register_recipe(Recipe("8da4w-emb4", BACKEND, "8da4w plus an int4 (group 32) token embedding: the smallest",
+register_recipe(Recipe("8da4w-emb4", BACKEND, "8da4w with an int4 (group 32) token embedding (the same as 8da4w, by its old name)",
                        _llm(LINEAR_8DA4W_G32, EMBEDDING_4W), INT4_TOLERANCE))
 # Vision encoder in static int8 (PT2E + XNNPACKQuantizer, calibrated on synthetic frames): ~10% faster than
 # 8da8w on the 1B encoder (docs/executorch.md), but its activation ranges come from the calibration frames.
 register_recipe(Recipe("8da4w-vstatic", BACKEND, "8da4w with a static int8 vision encoder (PT2E, calibrated)",
-                       _with_vision(_llm(LINEAR_8DA4W_G32), VISION_STATIC_INT8), INT4_TOLERANCE))
+                       _with_vision(_llm(LINEAR_8DA4W_G32, EMBEDDING_4W), VISION_STATIC_INT8), INT4_TOLERANCE))
+
+
+# --- The LLM's default and its KV-cache / attention options (text_decoder scheme options) ---------
+# ``kv_dtype``: the cache dtype (float32 / float16 / bfloat16: llama.custom_sdpa and update_cache take
+# all three). ``attention``: "causal" (reads the cached prefix, one query row per head),
+# "gqa-masked" (the query heads of a kv head folded into one GEMM over the whole cache: decode cost
+# flat in the context, set by --max-context) or "switch" (both methods, the runtime picks by position).
+# See export/executorch_llm.py and docs/executorch.md.
+KV_DTYPE_DEFAULT, ATTENTION_DEFAULT = "float32", "causal"
+
+
+def decoder_options(scheme: ComponentScheme) -> tuple:
+    """(kv_dtype, attention) of a text_decoder scheme, defaults filled in."""
+    return (str(scheme.options.get("kv_dtype", KV_DTYPE_DEFAULT)), str(scheme.options.get("attention", ATTENTION_DEFAULT)))
+
+
+def _with_options(scheme: ComponentScheme, **options) -> ComponentScheme:
+    return ComponentScheme(scheme.scheme, scheme.group_size, {**scheme.options, **options})
+
+
+# 8da4w: the 1B's llm.pte drops from 1.7 GiB (fp32 table: 890 MiB) to <= 1.0 GiB with the int4 table,
+# as ExecuTorch's own Llama export does (--embedding-quantize 4,32).
+register_recipe(Recipe("8da4w", BACKEND, "LLM linears int8 dyn. act. x int4 weights group 32; int4 (group 32) token embedding; "
+                       "vision + projector 8da8w; fp32 KV cache", _llm(LINEAR_8DA4W_G32, EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-embfp32", BACKEND, "8da4w with the fp32 token embedding (the default before; 1B llm.pte 1.7 GiB)",
+                       _llm(LINEAR_8DA4W_G32), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-kv16", BACKEND, "8da4w with a float16 KV cache (half the cache bytes)",
+                       _llm(_with_options(LINEAR_8DA4W_G32, kv_dtype="float16"), EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-kvbf16", BACKEND, "8da4w with a bfloat16 KV cache (half the cache bytes)",
+                       _llm(_with_options(LINEAR_8DA4W_G32, kv_dtype="bfloat16"), EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-flat", BACKEND, "8da4w plus a second decode method (gqa-masked, over the same KV cache) used "
+                       "past 30% of --max-context: decode stays flat as the context grows",
+                       _llm(_with_options(LINEAR_8DA4W_G32, attention="switch"), EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("fp32-flat", BACKEND, "fp32 everywhere with the flat decode method of 8da4w-flat (parity of the attention alone)",
+                       {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "switch"})},
+                       FP32_TOLERANCE))
 
 
 def _quantize_model_():
@@ -110,7 +144,7 @@ def _check_groups(module: nn.Module, kind: type, scheme: ComponentScheme, compon
 def quantize_component(module: nn.Module, component: str, scheme: ComponentScheme) -> Optional[dict]:
     """Quantize ``module`` in place per ``scheme`` (before torch.export); returns the manifest's quantization dict."""
     if scheme.scheme == "fp32":
-        return scheme.to_dict()
+        return scheme.to_dict()  # options (kv_dtype, attention) are applied by the exporter, not here
     if component == Component.VISION_ENCODER.value and scheme.scheme in VISION_TRACE_SCHEMES:
         return scheme.to_dict()  # applied by the exporter's tracer; the eager reference stays fp32
     embedding = component == Component.TOKEN_EMBEDDING.value

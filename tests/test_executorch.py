@@ -14,7 +14,7 @@ from sfedge.errors import SfedgeError, UsageError  # noqa: E402
 from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import CONSTANT_METHODS, Component, read_manifest  # noqa: E402
 from sfedge.models import WeightsSource, build_model  # noqa: E402
-from sfedge.quantize.executorch import quantize_component  # noqa: E402
+from sfedge.quantize.executorch import decoder_options, quantize_component  # noqa: E402
 from sfedge.quantize.recipes import Tolerance, get_recipe, recipe_names  # noqa: E402
 from sfedge.runtime.generate import prefill  # noqa: E402
 from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
@@ -24,8 +24,9 @@ import sfedge.export.executorch as et_export  # noqa: E402  (registers the expor
 
 MAX_CONTEXT, CHUNK, BATCH = 128, 32, 2
 RECIPES = recipe_names("executorch")
-EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4",
-                    "8da4w-vstatic"}
+EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
+                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic"}
+ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not exported twice
 
 
 # The tiny preset cut to one LLM layer and one vision block (XNNPACK lowering costs seconds per
@@ -80,7 +81,7 @@ def _quantized_eager(recipe: str) -> EagerSession:
     return EagerSession(model)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [name for name in RECIPES if name not in ALIASES])
 def test_parity_per_recipe(export_dir, recipe: str):
     exported = export_dir(recipe)
     manifest = read_manifest(exported)
@@ -101,15 +102,22 @@ def test_parity_per_recipe(export_dir, recipe: str):
     for component in Component:
         scheme = get_recipe("executorch", manifest.recipe).scheme(component)
         assert manifest.component(component).quantization["scheme"] == scheme.scheme
+    kv_dtype, attention = decoder_options(get_recipe("executorch", recipe).scheme(Component.TEXT_DECODER))
+    decoder = manifest.component(Component.TEXT_DECODER)
+    assert (decoder.extra["kv_dtype"], decoder.extra["attention_mode"]) == (kv_dtype, attention)
 
 
 def test_pte_methods_and_constants(fp32_folder: Path):
     session = open_session(fp32_folder)
-    programs = session._programs
-    assert programs["vision_encoder.pte"].method_names == {"vision_encoder"}
-    assert programs["projector.pte"].method_names == {"projector"}
-    assert programs["projector_f4.pte"].method_names == {"projector"}
-    assert programs["llm.pte"].method_names == {"token_embedding", "text_decoder", *CONSTANT_METHODS}
+    programs = session._programs  # (file, method) -> Program
+    assert set(programs) == {("llm.pte", "text_decoder")}  # the other components load on first use
+    session.encode(torch.zeros(1, 3, 64, 64))
+    session.project(torch.zeros(8, 16, 64))
+    session.project(torch.zeros(4, 16, 64))
+    assert programs[("vision_encoder.pte", "vision_encoder")].method_names == {"vision_encoder"}
+    assert programs[("projector.pte", "projector")].method_names == {"projector"}
+    assert programs[("projector_f4.pte", "projector")].method_names == {"projector"}
+    assert programs[("llm.pte", "text_decoder")].method_names == {"token_embedding", "text_decoder", *CONSTANT_METHODS}
     llm = CONFIG.llm
     assert session.constant("get_max_seq_len") == MAX_CONTEXT
     assert session.constant("get_max_context_len") == MAX_CONTEXT
@@ -226,5 +234,24 @@ def test_sdpa_probe_times_the_kernel_of_llm_pte(capsys):
     rows = sdpa_probe.probe("tiny", [4, 64], [1], repeats=2)
     assert [r["position"] for r in rows] == [4, 64] and all(r["ms_per_layer"] > 0 for r in rows)
     assert sdpa_probe.main(["--model", "tiny", "--positions", "8", "--threads", "1", "-r", "1"]) == 0
-    assert "| 1 | 8 |" in capsys.readouterr().out
+    assert "| causal | 8 |" in capsys.readouterr().out
     assert sdpa_probe.main(["--model", "tiny", "--positions", "0,x"]) == 2
+
+
+def test_flat_decode_method_shares_the_kv_cache(export_dir):
+    """fp32-flat: prefill through text_decoder (causal), decode through text_decoder_flat (gqa-masked) past
+    30% of the cache, both on one KV cache: logits as eager fp32's at every step (1e-4)."""
+    folder = export_dir("fp32-flat")
+    decoder = read_manifest(folder).component(Component.TEXT_DECODER)
+    assert decoder.extra["decode_method"] == "text_decoder_flat" and decoder.extra["decode_method_from_position"] == 38
+    session = open_session(folder)
+    assert session._decoder_program().method_names >= {"text_decoder", "text_decoder_flat"}
+    eager = EagerSession.open(folder, read_manifest(folder), SessionOptions())
+    used = []
+    flat = session._flat_decoder
+    session._flat_decoder = lambda: used.append(1) or flat()
+    embeds = torch.randn(MAX_CONTEXT, HIDDEN, generator=torch.Generator().manual_seed(3))
+    for start, size in ((0, 30), (30, 1), (31, 1), (32, 6), (38, 1), (39, 1), (40, CHUNK), (40 + CHUNK, 1)):
+        got, want = session.decode(embeds[start:start + size], start), eager.decode(embeds[start:start + size], start)
+        assert (got - want).abs().max().item() <= 1e-4, (start, size)
+    assert len(used) == 3  # positions 38, 39 and 72 took the flat method
