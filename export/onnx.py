@@ -18,7 +18,7 @@ import importlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -140,6 +140,7 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
     """
     _require_onnx_stack()
     layout = onnx_decoder.check_layout(options.kv_layout)
+    calibration = _calibration(model, options, recipe)  # before tracing: a bad --calibration-video fails fast
     out = Path(out)
     work = out / WORK_DIR
     work.mkdir()
@@ -156,23 +157,49 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
                     _trace(item, work / f"{item.file_stem()}.onnx")
                 traced.append(item)
         model.to("meta")
-        return [_finish(item, recipe, out, work, progress) for item in traced]
+        return [_finish(item, recipe, out, work, progress, calibration) for item in traced]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress) -> ArtifactEntry:
+def _calibration(model: SFLlava, options: ExportOptions, recipe: Recipe) -> Dict[Component, CalibrationSet]:
+    """Calibration inputs of the components whose scheme is static (the vision encoder's frames)."""
+    scheme = recipe.scheme(Component.VISION_ENCODER)
+    if not onnx_quant.needs_calibration(scheme):
+        return {}
+    from sfedge.quantize.onnx_calibration import calibration_pixels
+
+    frames = int(scheme.options.get("calibration_frames", 8))
+    return {Component.VISION_ENCODER: calibration_pixels(model.config.vision, options.calibration_video, frames)}
+
+
+def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress,
+            calibration: Dict[Component, CalibrationSet]) -> ArtifactEntry:
     component = item.component.value
     scheme = recipe.scheme(item.component)
     stem = item.file_stem()
     file = f"{stem}{onnx_quant.file_suffix(scheme)}.onnx"
     with progress.stage(stem, "quantize"):
-        proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work)
+        calibration_set = calibration.get(item.component)
+        proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work,
+                                          calibration_set.pixels if calibration_set else None)
     with progress.stage(stem, "serialize"):
         data_files = onnx_quant.save_model(proto, out / file)
+    inputs, outputs = _with_graph_dtypes(item.inputs, proto.graph.input), _with_graph_dtypes(item.outputs, proto.graph.output)
     del proto
-    return artifact_entry(out, component, file, item.inputs, item.outputs, scheme.to_dict(),
-                          data_files=data_files, **item.extra)
+    extra = {**item.extra, **({"calibration": calibration_set.describe()} if calibration_set else {})}
+    return artifact_entry(out, component, file, inputs, outputs, scheme.to_dict(), data_files=data_files, **extra)
 
+
+def _with_graph_dtypes(specs: List[TensorSpec], values) -> List[TensorSpec]:
+    """The specs with the element types the written graph has (fp16 recipes keep a float16 GQA cache)."""
+    from onnx import helper
+
+    dtypes = {v.name: str(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in values}
+    return [TensorSpec(spec.name, spec.shape, dtypes.get(spec.name, spec.dtype)) for spec in specs]
+
+
+if TYPE_CHECKING:
+    from sfedge.quantize.onnx_calibration import CalibrationSet
 
 EXPORTERS.add("onnx", export_onnx)

@@ -63,8 +63,9 @@ def _plain_feeds(session, manifest, tokens: int, past: int = 0) -> dict:
     feeds = {"inputs_embeds": rng.standard_normal((1, tokens, llm["hidden"])).astype(np.float32),
              "attention_mask": np.ones((1, past + tokens), dtype=np.int64),
              "position_ids": np.arange(past, past + tokens, dtype=np.int64)[None]}
-    for name in manifest.component("text_decoder").extra["past_inputs"]:
-        feeds[name] = np.zeros((1, llm["kv_heads"], past, llm["head_dim"]), dtype=np.float32)
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+    for name in manifest.component("text_decoder").extra["past_inputs"]:  # float16 in fp16 recipes' GQA graphs
+        feeds[name] = np.zeros((1, llm["kv_heads"], past, llm["head_dim"]), dtype=types[name])
     return feeds
 
 
