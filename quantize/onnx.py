@@ -56,6 +56,12 @@ register_recipe(Recipe(
     {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
      C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT4_MATMUL}, INT4_TOLERANCE))
 register_recipe(Recipe(
+    "int4-vision-static", "onnx",
+    "int4 with a static int8 (QDQ) vision encoder: per-channel int8 weights, uint8 activations calibrated on frames "
+    "(--calibration-video, default synthetic frames)",
+    {C.VISION_ENCODER.value: INT8_STATIC, C.PROJECTOR.value: INT8_MATMUL,
+     C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT4_MATMUL}, INT4_TOLERANCE))
+register_recipe(Recipe(
     "q4f16", "onnx", "fp16 graphs with 4-bit MatMulNBits weights in the LLM (transformers.js q4f16, for fp16 devices)",
     {C.VISION_ENCODER.value: FP16, C.PROJECTOR.value: FP16, C.TOKEN_EMBEDDING.value: FP16,
      C.TEXT_DECODER.value: Q4F16_MATMUL}, INT4_TOLERANCE))
