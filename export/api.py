@@ -31,6 +31,8 @@ class ExportOptions:
     show_progress: bool = True
     coreml_target: str = "iOS18"  # Core ML minimum deployment target of the stateless packages (the LLM is always iOS18)
     extra_frames: Tuple[int, ...] = ()  # more frame counts to export a projector for (one folder serves a frame sweep)
+    kv_layout: str = "gqa-inplace"  # onnx: decoder KV layout, gqa-inplace or past-present (transformers.js)
+    calibration_video: Optional[str] = None  # onnx static int8 vision encoder: calibrate on this video's frames
 
 
 Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]

@@ -4,7 +4,8 @@
     projector{sfx}.onnx             image_features [frames, P, C] -> visual_embeds [V, H]   (frames static;
                                     projector_f{N}{sfx}.onnx for each extra count of --frames 8,32,...)
     embed_tokens{sfx}.onnx          input_ids [1, T] -> inputs_embeds [1, T, H]
-    decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values)
+    decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values, in the
+                                    KV layout of ExportOptions.kv_layout: gqa-inplace or past-present)
 
 Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32),
 then the recipe's scheme for it is applied with ONNX Runtime's tools (sfedge.quantize.onnx) and the
@@ -17,7 +18,7 @@ import importlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ class Traceable:
     outputs: List[TensorSpec]
     extra: Dict[str, object] = field(default_factory=dict)
     stem: str = ""  # file stem; default: the component's FILE_STEMS entry
+    translations: Dict[object, object] = field(default_factory=dict)  # torch.onnx custom_translation_table
 
     def file_stem(self) -> str:
         return self.stem or FILE_STEMS[self.component]
@@ -101,20 +103,23 @@ def _embedding(model: SFLlava) -> Traceable:
         [TensorSpec("input_ids", [1, "sequence_length"], "int64")], [_f32("inputs_embeds", [1, "sequence_length", hidden])])
 
 
-def _decoder(model: SFLlava, wrapper: nn.Module) -> Traceable:
+def _decoder(model: SFLlava, wrapper: nn.Module, layout: str) -> Traceable:
     llm = model.config.llm
     past, present = onnx_decoder.past_names(llm.layers), onnx_decoder.present_names(llm.layers)
-    kv_past = [1, llm.kv_heads, "past_sequence_length", llm.head_dim]
-    kv_total = [1, llm.kv_heads, "total_sequence_length", llm.head_dim]
+    kv_past = [1, llm.kv_heads, onnx_decoder.past_length_name(layout), llm.head_dim]
+    kv_present = [1, llm.kv_heads, onnx_decoder.present_length_name(layout), llm.head_dim]
     return Traceable(
-        Component.TEXT_DECODER, wrapper, onnx_decoder.example_inputs(model.text_decoder),
-        [*onnx_decoder.INPUT_NAMES, *past], [onnx_decoder.LOGITS, *present], onnx_decoder.dynamic_shapes(llm.layers),
+        Component.TEXT_DECODER, wrapper, onnx_decoder.example_inputs(model.text_decoder, layout),
+        [*onnx_decoder.INPUT_NAMES, *past], [onnx_decoder.LOGITS, *present],
+        onnx_decoder.dynamic_shapes(llm.layers, layout),
         [_f32("inputs_embeds", [1, "sequence_length", llm.hidden]),
          TensorSpec("attention_mask", [1, "total_sequence_length"], "int64"),
          TensorSpec("position_ids", [1, "sequence_length"], "int64"), *[_f32(name, kv_past) for name in past]],
-        [_f32(onnx_decoder.LOGITS, [1, 1, llm.vocab_size]), *[_f32(name, kv_total) for name in present]],
-        {"past_inputs": past, "present_outputs": present, "kv_layout": "[batch, kv_heads, sequence, head_dim]",
-         "logits": "last position only", "rope_positions": model.text_decoder.max_seq_len})
+        [_f32(onnx_decoder.LOGITS, [1, 1, llm.vocab_size]), *[_f32(name, kv_present) for name in present]],
+        {"past_inputs": past, "present_outputs": present, "kv_layout": layout,
+         "kv_shape": "[batch, kv_heads, sequence, head_dim]", "logits": "last position only",
+         "rope_positions": model.text_decoder.max_seq_len},
+        translations=onnx_decoder.translation_table(layout))
 
 
 def _trace(item: Traceable, path: Path) -> None:
@@ -122,7 +127,8 @@ def _trace(item: Traceable, path: Path) -> None:
     path.with_name(path.name + ".data").unlink(missing_ok=True)  # re-saving appends to an existing data file
     program = torch.onnx.export(
         item.module, item.args, dynamo=True, input_names=item.input_names, output_names=item.output_names,
-        dynamic_shapes=item.dynamic_shapes, optimize=True, verbose=False)
+        dynamic_shapes=item.dynamic_shapes, custom_translation_table=item.translations or None, optimize=True,
+        verbose=False)
     program.save(str(path), external_data=True)
 
 
@@ -133,6 +139,8 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
     device) so quantizing a large decoder does not hold the PyTorch copy as well.
     """
     _require_onnx_stack()
+    layout = onnx_decoder.check_layout(options.kv_layout)
+    calibration = _calibration(model, options, recipe)  # before tracing: a bad --calibration-video fails fast
     out = Path(out)
     work = out / WORK_DIR
     work.mkdir()
@@ -143,29 +151,55 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
                 with progress.stage(item.file_stem(), "trace"):
                     _trace(item, work / f"{item.file_stem()}.onnx")
                 traced.append(item)
-            with onnx_decoder.past_present_attention(model.text_decoder) as wrapper:
-                item = _decoder(model, wrapper)
+            with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
+                item = _decoder(model, wrapper, layout)
                 with progress.stage(item.component.value, "trace"):
                     _trace(item, work / f"{item.file_stem()}.onnx")
                 traced.append(item)
         model.to("meta")
-        return [_finish(item, recipe, out, work, progress) for item in traced]
+        return [_finish(item, recipe, out, work, progress, calibration) for item in traced]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress) -> ArtifactEntry:
+def _calibration(model: SFLlava, options: ExportOptions, recipe: Recipe) -> Dict[Component, CalibrationSet]:
+    """Calibration inputs of the components whose scheme is static (the vision encoder's frames)."""
+    scheme = recipe.scheme(Component.VISION_ENCODER)
+    if not onnx_quant.needs_calibration(scheme):
+        return {}
+    from sfedge.quantize.onnx_calibration import calibration_pixels
+
+    frames = int(scheme.options.get("calibration_frames", 8))
+    return {Component.VISION_ENCODER: calibration_pixels(model.config.vision, options.calibration_video, frames)}
+
+
+def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Progress,
+            calibration: Dict[Component, CalibrationSet]) -> ArtifactEntry:
     component = item.component.value
     scheme = recipe.scheme(item.component)
     stem = item.file_stem()
     file = f"{stem}{onnx_quant.file_suffix(scheme)}.onnx"
     with progress.stage(stem, "quantize"):
-        proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work)
+        calibration_set = calibration.get(item.component)
+        proto = onnx_quant.quantize_model(work / f"{stem}.onnx", scheme, work,
+                                          calibration_set.pixels if calibration_set else None)
     with progress.stage(stem, "serialize"):
         data_files = onnx_quant.save_model(proto, out / file)
+    inputs, outputs = _with_graph_dtypes(item.inputs, proto.graph.input), _with_graph_dtypes(item.outputs, proto.graph.output)
     del proto
-    return artifact_entry(out, component, file, item.inputs, item.outputs, scheme.to_dict(),
-                          data_files=data_files, **item.extra)
+    extra = {**item.extra, **({"calibration": calibration_set.describe()} if calibration_set else {})}
+    return artifact_entry(out, component, file, inputs, outputs, scheme.to_dict(), data_files=data_files, **extra)
 
+
+def _with_graph_dtypes(specs: List[TensorSpec], values) -> List[TensorSpec]:
+    """The specs with the element types the written graph has (fp16 recipes keep a float16 GQA cache)."""
+    from onnx import helper
+
+    dtypes = {v.name: str(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in values}
+    return [TensorSpec(spec.name, spec.shape, dtypes.get(spec.name, spec.dtype)) for spec in specs]
+
+
+if TYPE_CHECKING:
+    from sfedge.quantize.onnx_calibration import CalibrationSet
 
 EXPORTERS.add("onnx", export_onnx)

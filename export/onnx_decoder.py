@@ -1,26 +1,37 @@
-"""The text decoder with explicit past/present key-values, for ONNX (transformers.js's merged decoder).
+"""The text decoder with explicit past/present key-values, for ONNX, in one of two KV layouts.
 
 The eager ``TextDecoder`` keeps a static KV cache inside each layer's ``self_attn.attend``
 (``CachedAttention``). ONNX graphs are stateless, so while exporting we swap every ``attend`` for a
-``PastPresentAttention`` that concatenates the layer's past k/v with the new ones and hands the result
-back as ``present``. The layers, norms, RoPE tables and lm_head are the eager model's own modules.
+layout's attention module that takes the layer's past k/v as graph inputs and hands ``present`` back
+as graph outputs. The layers, norms, RoPE tables and lm_head are the eager model's own modules.
 
-    inputs_embeds [1, T, H], attention_mask [1, past + T], position_ids [1, T],
-    past_key_values.N.key / .value [1, kv_heads, past, head_dim]
-    -> logits [1, 1, V] (last position only), present.N.key / .value [1, kv_heads, past + T, head_dim]
+    inputs_embeds [1, T, H], attention_mask [1, start + T], position_ids [1, T],
+    past_key_values.N.key / .value [1, kv_heads, P, head_dim]
+    -> logits [1, 1, V] (last position only), present.N.key / .value [1, kv_heads, P', head_dim]
+
+``gqa-inplace`` (default): ORT's ``com.microsoft.GroupQueryAttention`` per layer
+(sfedge.export.onnx_gqa); P = P' = the buffer length (max_context), and the runtime binds one buffer
+per layer as both past and present, so a step writes only its T new rows.
+``past-present`` (transformers.js's merged decoder, for the web): Concat of past and new;
+P = start, P' = start + T, a fresh present tensor per step.
 
 One graph serves prefill (past = 0) and decode (T = 1).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfedge.config import LLMConfig
+from sfedge.export import onnx_gqa
 from sfedge.models.llm import TextDecoder
+
+GQA_INPLACE, PAST_PRESENT = "gqa-inplace", "past-present"
+DEFAULT_KV_LAYOUT = GQA_INPLACE
 
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids")
 LOGITS = "logits"
@@ -41,13 +52,13 @@ class PastPresentAttention(nn.Module):
     ``present`` afterwards (the layer's own forward signature stays untouched).
     """
 
-    def __init__(self, groups: int):
+    def __init__(self, config: LLMConfig):
         super().__init__()
-        self.groups = groups
+        self.groups = config.heads // config.kv_heads
         self.past: Tuple[torch.Tensor, torch.Tensor] | None = None
         self.present: Tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def bind(self, past_key: torch.Tensor, past_value: torch.Tensor) -> None:
+    def bind(self, past_key: torch.Tensor, past_value: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.past, self.present = (past_key, past_value), None
 
     def forward(self, q, k, v, positions, start_pos, mask):  # q [1,T,H,D], k/v [1,T,Hkv,D], mask [T, past+T]
@@ -60,6 +71,34 @@ class PastPresentAttention(nn.Module):
         value = value.to(q.dtype).repeat_interleave(self.groups, dim=1)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask[None, None])
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class GroupQueryAttention(nn.Module):
+    """Stands in for ``CachedAttention``: one ``GroupQueryAttention`` node over a max-length buffer."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.heads, self.kv_heads = config.heads, config.kv_heads
+        self.past: Tuple[torch.Tensor, torch.Tensor] | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.present: Tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bind(self, past_key: torch.Tensor, past_value: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.past, self.attention_mask, self.present = (past_key, past_value), attention_mask, None
+
+    def forward(self, q, k, v, positions, start_pos, mask):  # q [1,T,H,D], k/v [1,T,Hkv,D]; RoPE applied
+        batch, tokens = q.shape[:2]
+        past_key, past_value = self.past
+        out, present_key, present_value = onnx_gqa.group_query_attention(
+            q.reshape(batch, tokens, -1), k.reshape(batch, tokens, -1), v.reshape(batch, tokens, -1),
+            past_key, past_value, self.attention_mask, self.heads, self.kv_heads)
+        self.present = (present_key, present_value)
+        return out
+
+
+# layout -> the attention module swapped into every layer while tracing
+ATTENTIONS: Dict[str, Callable[[LLMConfig], nn.Module]] = {GQA_INPLACE: GroupQueryAttention,
+                                                           PAST_PRESENT: PastPresentAttention}
 
 
 class PastPresentDecoder(nn.Module):
@@ -80,38 +119,62 @@ class PastPresentDecoder(nn.Module):
         presents = []
         for layer, (past_key, past_value) in zip(decoder.layers, past_key_values):
             attend = layer.self_attn.attend
-            attend.bind(past_key, past_value)
+            attend.bind(past_key, past_value, attention_mask)
             x = layer(x, cos, sin, positions, positions[:1], mask)
             presents.extend(attend.present)
         logits = decoder.lm_head(decoder.norm(x[:, -1:, :]))
         return (logits, *presents)
 
 
+def check_layout(layout: str) -> str:
+    if layout not in ATTENTIONS:
+        from sfedge.errors import UsageError
+
+        raise UsageError(f"--kv-layout {layout!r} is unknown; known: {', '.join(ATTENTIONS)}")
+    return layout
+
+
 @contextlib.contextmanager
-def past_present_attention(decoder: TextDecoder) -> Iterator[PastPresentDecoder]:
-    """Swap every layer's ``attend`` for ``PastPresentAttention``; the originals come back on exit."""
+def export_attention(decoder: TextDecoder, layout: str = DEFAULT_KV_LAYOUT) -> Iterator[PastPresentDecoder]:
+    """Swap every layer's ``attend`` for the layout's attention; the originals come back on exit."""
     originals = [layer.self_attn.attend for layer in decoder.layers]
-    config = decoder.config
+    attention = ATTENTIONS[check_layout(layout)]
     try:
         for layer in decoder.layers:
-            layer.self_attn.attend = PastPresentAttention(config.heads // config.kv_heads)
+            layer.self_attn.attend = attention(decoder.config)
         yield PastPresentDecoder(decoder).eval()
     finally:
         for layer, attend in zip(decoder.layers, originals):
             layer.self_attn.attend = attend
 
 
-def example_inputs(decoder: TextDecoder, tokens: int = 3, past: int = 2) -> tuple:
-    """Trace inputs; sizes > 1 keep torch.export from specialising the dynamic dimensions."""
+def example_inputs(decoder: TextDecoder, layout: str = DEFAULT_KV_LAYOUT, tokens: int = 3, past: int = 2) -> tuple:
+    """Trace inputs; sizes > 1 keep torch.export from specialising the dynamic dimensions (the GQA
+    buffer is longer than past + T, as at run time)."""
     config = decoder.config
     dtype = decoder.lm_head.weight.dtype
-    kv_shape = (1, config.kv_heads, past, config.head_dim)
+    buffer = past + tokens + 4 if layout == GQA_INPLACE else past
+    kv_shape = (1, config.kv_heads, buffer, config.head_dim)
     past_kv = [(torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)) for _ in range(config.layers)]
     return (torch.zeros(1, tokens, config.hidden, dtype=dtype), torch.ones(1, past + tokens, dtype=torch.long),
             torch.arange(past, past + tokens)[None], past_kv)
 
 
-def dynamic_shapes(layers: int) -> dict:
-    kv = {2: "past_sequence_length"}
+def past_length_name(layout: str) -> str:
+    """The name of the past tensors' sequence dimension: the buffer length for GQA."""
+    return "max_sequence_length" if layout == GQA_INPLACE else "past_sequence_length"
+
+
+def present_length_name(layout: str) -> str:
+    return "max_sequence_length" if layout == GQA_INPLACE else "total_sequence_length"
+
+
+def translation_table(layout: str) -> dict:
+    """custom_translation_table for torch.onnx.export: the GQA op's ONNX node."""
+    return onnx_gqa.translation_table() if layout == GQA_INPLACE else {}
+
+
+def dynamic_shapes(layers: int, layout: str = DEFAULT_KV_LAYOUT) -> dict:
+    kv = {2: past_length_name(layout)}
     return {"inputs_embeds": {1: "sequence_length"}, "attention_mask": {1: "total_sequence_length"},
             "position_ids": {1: "sequence_length"}, "past_key_values": [(kv, kv) for _ in range(layers)]}

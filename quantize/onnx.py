@@ -5,6 +5,8 @@ Schemes, in ONNX Runtime's vocabulary:
   fp16   onnxruntime.transformers.float16 conversion, float32 graph inputs/outputs kept
   int8   onnxruntime.quantization.quantize_dynamic: int8 weights, activations quantized at run time
          (MatMul -> DynamicQuantizeLinear + MatMulInteger; Gather -> int8 table + DequantizeLinear)
+  int8-static  onnxruntime.quantization.quantize_static, QDQ format: per-channel int8 weights, uint8
+         activations with ranges calibrated on frames (sfedge.quantize.onnx_calibration); vision encoder only
   int4   MatMulNBitsQuantizer: 4-bit block-wise weights (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized)
   q4f16  fp16 conversion, then int4 as above
 Which component gets which scheme is recipe data below; file names carry transformers.js's suffixes.
@@ -26,7 +28,8 @@ from sfedge.quantize.recipes import Q4F16_TOLERANCE, SIMULATORS  # parity: the q
 log = logging.getLogger(__name__)
 
 # transformers.js precision suffixes: decoder_model_merged_q4.onnx etc.
-FILE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int4": "_q4", "q4f16": "_q4f16"}
+FILE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_quantized", "int8-static": "_int8", "int4": "_q4",
+               "q4f16": "_q4f16"}
 # protobuf cannot serialize a message over 2 GiB: weights go to <file>_data above this size
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 DATA_SUFFIX = "_data"  # decoder_model_merged.onnx -> decoder_model_merged.onnx_data, as transformers.js names it
@@ -36,6 +39,8 @@ FP32 = ComponentScheme("fp32")
 FP16 = ComponentScheme("fp16", options={"keep_io_types": True})
 INT8_MATMUL = ComponentScheme("int8", options={"ops": ("MatMul",), "weight_type": "int8", "per_channel": False})
 INT8_GATHER = ComponentScheme("int8", options={"ops": ("Gather",), "weight_type": "int8", "per_channel": False})
+INT8_STATIC = ComponentScheme("int8-static", options={"ops": ("MatMul",), "per_channel": True, "weight_type": "int8",
+                                                      "activation_type": "uint8", "calibration_frames": 8})
 INT4_MATMUL = ComponentScheme("int4", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4})
 INT4_GATHER = ComponentScheme("int4", 32, {"ops": ("Gather",), "symmetric": True, "accuracy_level": 4})
 Q4F16_MATMUL = ComponentScheme("q4f16", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4,
@@ -51,6 +56,12 @@ register_recipe(Recipe(
     "4-bit block-32 weights (MatMulNBits, GatherBlockQuantized) for the memory-bound LLM; dynamic int8 for the "
     "compute-bound vision encoder and the projector",
     {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
+     C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT4_MATMUL}, INT4_TOLERANCE))
+register_recipe(Recipe(
+    "int4-vision-static", "onnx",
+    "int4 with a static int8 (QDQ) vision encoder: per-channel int8 weights, uint8 activations calibrated on frames "
+    "(--calibration-video, default synthetic frames)",
+    {C.VISION_ENCODER.value: INT8_STATIC, C.PROJECTOR.value: INT8_MATMUL,
      C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT4_MATMUL}, INT4_TOLERANCE))
 register_recipe(Recipe(
     "q4f16", "onnx", "fp16 graphs with 4-bit MatMulNBits weights in the LLM (transformers.js q4f16, for fp16 devices)",
@@ -112,8 +123,45 @@ def _to_fp16(src: Path, scheme: ComponentScheme, work: Path):
     onnx.shape_inference.infer_shapes_path(str(src), str(inferred))  # path-based: works above 2 GB
     model = convert_float_to_float16(_load(inferred), keep_io_types=bool(scheme.options.get("keep_io_types", True)),
                                      disable_shape_infer=True)
+    _gqa_cache_in_fp16(model)
     OnnxModel(model).topological_sort()  # the io Casts are appended last; onnx.checker wants nodes in order
     return model
+
+
+def _gqa_cache_in_fp16(model) -> None:
+    """Drop the float32<->float16 Casts between the graph's KV inputs/outputs and GroupQueryAttention.
+
+    With them, past and present are different tensors, ORT's kernel cannot share the buffer, and every
+    step copies the whole cache twice. Without them the KV cache is float16 at the graph's boundary
+    (half the bytes); every other input and output stays float32."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    drop = []
+    for value in graph.input:
+        casts = consumers.get(value.name, [])
+        if len(casts) != 1 or casts[0].op_type != "Cast":
+            continue
+        users = consumers.get(casts[0].output[0], [])
+        if users and all(user.op_type == "GroupQueryAttention" for user in users):
+            for user in users:
+                user.input[:] = [value.name if name == casts[0].output[0] else name for name in user.input]
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+            drop.append(casts[0])
+    for value in graph.output:
+        cast = producer.get(value.name)
+        source = producer.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        if source is not None and source.op_type == "GroupQueryAttention" and len(consumers.get(cast.input[0], [])) == 1:
+            source.output[:] = [value.name if name == cast.input[0] else name for name in source.output]
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+            drop.append(cast)
+    for node in drop:
+        graph.node.remove(node)
 
 
 def _to_int8(src: Path, scheme: ComponentScheme, work: Path):
@@ -128,6 +176,41 @@ def _to_int8(src: Path, scheme: ComponentScheme, work: Path):
     return _load(out)
 
 
+def _to_int8_static(src: Path, scheme: ComponentScheme, work: Path, calibration):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from sfedge.quantize.onnx_calibration import FramesReader
+
+    if calibration is None:
+        raise SfedgeError(f"scheme int8-static of {src.name} needs calibration inputs (a vision encoder's frames)")
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    graph = _load_structure(src)
+    ops = set(scheme.options.get("ops", ("MatMul",)))
+    weights = {tensor.name for tensor in graph.initializer}
+    # only the weight matmuls: attention's activation x activation products stay float (accuracy)
+    nodes = [node.name for node in graph.node if node.op_type in ops and any(i in weights for i in node.input)]
+    out = work / f"{src.stem}.int8s.onnx"
+    quantize_static(str(src), str(out), FramesReader(graph.input[0].name, calibration), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=sorted(ops), nodes_to_quantize=nodes,
+                    per_channel=bool(scheme.options.get("per_channel", True)),
+                    activation_type=types[str(scheme.options.get("activation_type", "uint8"))],
+                    weight_type=types[str(scheme.options.get("weight_type", "int8"))],
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    extra_options={"CalibStridedMinMax": 1})  # ranges reduced after every frame: bounded memory
+    return _load(out)
+
+
+def _load_structure(path: Path):
+    """The graph without its weights' bytes (names and nodes only)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def needs_calibration(scheme: ComponentScheme) -> bool:
+    return scheme.scheme == "int8-static"
+
+
 def _to_int4(model, scheme: ComponentScheme):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -139,9 +222,10 @@ def _to_int4(model, scheme: ComponentScheme):
     return quantizer.model.model
 
 
-def quantize_model(src: Path, scheme: ComponentScheme, work: Path):
+def quantize_model(src: Path, scheme: ComponentScheme, work: Path, calibration=None):
     """Apply one component scheme to the fp32 graph at ``src``; returns the new ModelProto.
-    ``work`` is a scratch folder for the tools that only take paths."""
+    ``work`` is a scratch folder for the tools that only take paths; ``calibration`` holds the
+    graph's first input for static schemes (float32 [N, ...], one batch of 1 per row)."""
     src, work = Path(src), Path(work)
     file_suffix(scheme)  # unknown scheme names fail here, before any work
     if scheme.scheme == "fp32":
@@ -150,6 +234,8 @@ def quantize_model(src: Path, scheme: ComponentScheme, work: Path):
         return _to_fp16(src, scheme, work)
     if scheme.scheme == "int8":
         return _to_int8(src, scheme, work)
+    if scheme.scheme == "int8-static":
+        return _to_int8_static(src, scheme, work, calibration)
     if scheme.scheme == "int4":
         return _to_int4(str(src), scheme)
     return _to_int4(_to_fp16(src, scheme, work), scheme)  # q4f16

@@ -24,12 +24,13 @@ from sfedge.runtime.parity import run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 
-RECIPES = ["fp32", "fp16", "int8", "int4", "q4f16"]
+RECIPES = ["fp32", "fp16", "int8", "int4", "int4-vision-static", "q4f16"]
 MAX_CONTEXT, CHUNK = 128, 32
 STEMS = {"vision_encoder": "vision_encoder", "projector": "projector", "token_embedding": "embed_tokens",
          "text_decoder": "decoder_model_merged"}
 # op that proves a scheme was applied, per scheme
 SCHEME_OPS = {"int8": {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"},
+              "int8-static": {"QuantizeLinear", "DequantizeLinear"},
               "int4": {"MatMulNBits", "GatherBlockQuantized"}, "q4f16": {"MatMulNBits"}}
 
 
@@ -63,8 +64,9 @@ def _plain_feeds(session, manifest, tokens: int, past: int = 0) -> dict:
     feeds = {"inputs_embeds": rng.standard_normal((1, tokens, llm["hidden"])).astype(np.float32),
              "attention_mask": np.ones((1, past + tokens), dtype=np.int64),
              "position_ids": np.arange(past, past + tokens, dtype=np.int64)[None]}
-    for name in manifest.component("text_decoder").extra["past_inputs"]:
-        feeds[name] = np.zeros((1, llm["kv_heads"], past, llm["head_dim"]), dtype=np.float32)
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+    for name in manifest.component("text_decoder").extra["past_inputs"]:  # float16 in fp16 recipes' GQA graphs
+        feeds[name] = np.zeros((1, llm["kv_heads"], past, llm["head_dim"]), dtype=types[name])
     return feeds
 
 
@@ -103,7 +105,7 @@ def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
         assert all(row.max_abs <= 1e-4 for row in report.rows), report.table()
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "q4f16", "fp16"])
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16"])
 def test_quantization_is_applied(export_dir, recipe):
     folder, baseline = export_dir(recipe), export_dir("fp32")
     manifest, reference = read_manifest(folder), read_manifest(baseline)
@@ -119,8 +121,36 @@ def test_quantization_is_applied(export_dir, recipe):
         else:
             assert ops.keys() & SCHEME_OPS[scheme], (entry.file, ops)
     decoder_ops = _ops(folder / manifest.component("text_decoder").file)
-    expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "q4f16": "MatMulNBits", "fp16": "MatMul"}[recipe]
+    expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "int4-vision-static": "MatMulNBits",
+                "q4f16": "MatMulNBits", "fp16": "MatMul"}[recipe]
     assert decoder_ops[expected] >= 7 * 2, decoder_ops  # q, k, v, o, gate, up, down per layer
+
+
+def test_static_int8_vision_encoder_is_calibrated_and_close_to_fp32(export_dir, tmp_path):
+    from sfedge.quantize.onnx_calibration import calibration_pixels
+    from sfedge.runtime.video import load_video, make_demo_video, preprocess
+
+    folder = export_dir("int4-vision-static")
+    entry = read_manifest(folder).component("vision_encoder")
+    assert entry.file == "vision_encoder_int8.onnx" and entry.extra["calibration"] == {"frames": 8, "source": "synthetic"}
+    ops = _ops(folder / entry.file)
+    assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] >= ops["QuantizeLinear"]
+    # the weight matmuls are quantized, attention's activation x activation products stay float
+    assert sum(1 for node in onnx.load(str(folder / entry.file)).graph.node if node.op_type == "MatMul") >= 2
+    session = open_session(folder, SessionOptions(threads=1))
+    config = session.config
+    eager = EagerSession(build_model(config, WeightsSource(seed=0), MAX_CONTEXT))
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=2, fps=8, size=96)  # real codec frames, not the calibration set
+    pixels = preprocess(load_video(video, config.vision.frame_size, 4).frames, config.vision.pixel_mean, config.vision.pixel_std)
+    cosine = torch.nn.functional.cosine_similarity(session.encode(pixels).flatten(1), eager.encode(pixels).flatten(1), dim=1)
+    assert cosine.min().item() >= 0.99, cosine
+    from_video = calibration_pixels(config.vision, str(video), 3)
+    assert from_video.pixels.shape == (3, 3, config.vision.frame_size, config.vision.frame_size)
+    assert from_video.describe() == {"frames": 3, "source": str(video)}
+    with pytest.raises(SfedgeError, match="does not exist|not found|no such"):
+        calibration_pixels(config.vision, str(tmp_path / "missing.mp4"))
+    with pytest.raises(SfedgeError, match="needs calibration inputs"):
+        onnx_quant.quantize_model(export_dir("fp32") / "vision_encoder.onnx", onnx_quant.INT8_STATIC, tmp_path)
 
 
 def test_int4_embedding_is_block_quantized(export_dir):

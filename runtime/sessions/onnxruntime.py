@@ -1,10 +1,13 @@
 """ONNX Runtime session over an artifact folder written by ``sfedge export --backend onnx``.
 
 Reads only the manifest and the .onnx files. The decoder graph is stateless (explicit past/present
-key-values, see docs/onnx.md), so the session keeps the present tensors of one call as OrtValues and
-binds them as the past of the next with IO binding: the cache never round-trips through numpy. The
-graph's Concat still writes a new [past + T] tensor per layer each step (ONNX has no in-place update
-outside ORT's contrib GroupQueryAttention).
+key-values, see docs/onnx.md); how the session carries the cache between calls depends on the
+decoder's ``kv_layout`` (sfedge.runtime.sessions.onnx_kv):
+
+- ``gqa-inplace``: one [1, kv_heads, max_context, head_dim] buffer per layer and kind, bound as both the
+  past input and the present output of GroupQueryAttention, which writes only the new rows;
+- ``past-present``: the present tensors of one call are bound as the past of the next (the graph's
+  Concat writes a new [past + T] tensor per layer each step).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
 from sfedge.manifest import Component, Manifest, artifact_path
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
+from sfedge.runtime.sessions.onnx_kv import KVCache, open_cache
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -68,15 +72,12 @@ class OnnxRuntimeSession(ModelSession):
         self.frame_counts = tuple(manifest.projectors())
         self.frames = self.frame_counts[0]
         self.encoder_batch = int(options["encoder_batch"])  # the graph's batch is dynamic: this bounds memory
-        decoder = manifest.component(Component.TEXT_DECODER)
-        self._past_names: List[str] = list(decoder.extra["past_inputs"])
-        self._present_names: List[str] = list(decoder.extra["present_outputs"])
         self._decoder = graphs[Component.TEXT_DECODER.value]
         self._device = device
-        self._ort = _ort()
-        self._past: List = []
-        self._past_len = 0
-        self.reset()
+        decoder = manifest.component(Component.TEXT_DECODER)
+        dtype = self._decoder.input_types[decoder.extra["past_inputs"][0]]
+        self._cache: KVCache = open_cache(decoder.extra, self.config.llm, self.max_context, dtype, device)
+        self.kv_layout = self._cache.layout
 
     @classmethod
     def open(cls, folder: Path, manifest: Manifest, options: SessionOptions) -> "OnnxRuntimeSession":
@@ -123,47 +124,37 @@ class OnnxRuntimeSession(ModelSession):
         if start_pos + tokens > self.max_context:
             raise SfedgeError(f"positions {start_pos}..{start_pos + tokens - 1} do not fit the exported context of "
                               f"{self.max_context}: re-export with a larger --max-context")
-        self._rewind(start_pos)
+        if start_pos > self._cache.length:
+            raise SfedgeError(f"decode at position {start_pos} but the cache holds {self._cache.length} tokens: "
+                              f"positions must be contiguous (call reset() to start over)")
+        self._cache.rewind(start_pos)  # an earlier start position overwrites from there on
         graph = self._decoder
         binding = graph.session.io_binding()
         binding.bind_cpu_input("inputs_embeds", graph.feed("inputs_embeds", embeds.numpy()[None]))
         binding.bind_cpu_input("attention_mask", np.ones((1, start_pos + tokens), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + tokens, dtype=np.int64)[None])
-        for name, value in zip(self._past_names, self._past):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")  # copied back to the host below
-        for name in self._present_names:
-            binding.bind_output(name, self._device)  # ORT allocates; kept as the next call's past
+        self._cache.bind(binding)
         graph.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._past = list(outputs[1:])
-        self._past_len = start_pos + tokens
+        self._cache.advance(outputs[1:], start_pos + tokens)
         return torch.from_numpy(outputs[0].numpy()[0, -1]).float()
 
-    def _rewind(self, start_pos: int) -> None:
-        """Position ``start_pos`` must follow the cached tokens; an earlier one truncates the cache."""
-        if start_pos == self._past_len:
-            return
-        if start_pos == 0:
-            self.reset()
-            return
-        if start_pos > self._past_len:
-            raise SfedgeError(f"decode at position {start_pos} but the cache holds {self._past_len} tokens: "
-                              f"positions must be contiguous (call reset() to start over)")
-        self._past = [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :start_pos]))
-                      for v in self._past]
-        self._past_len = start_pos
+    def save_kv(self, length: int) -> Dict[str, torch.Tensor]:
+        """The first ``length`` cached positions of every layer: ``layer{i}.key`` / ``layer{i}.value``
+        [1, kv_heads, length, head_dim] (copies)."""
+        return self._cache.save(length)
+
+    def load_kv(self, tensors: Dict[str, torch.Tensor], length: int) -> None:
+        """Replace the cache by ``length`` positions saved with ``save_kv``; decoding goes on at ``length``."""
+        self._cache.load(tensors, length)
 
     def reset(self) -> None:
-        llm = self.config.llm
-        dtype = self._decoder.input_types[self._past_names[0]]
-        empty = np.zeros((1, llm.kv_heads, 0, llm.head_dim), dtype=dtype)
-        self._past = [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
-        self._past_len = 0
+        self._cache.reset()
 
     def close(self) -> None:
         self.graphs.clear()
-        self._past = []
+        self._cache.reset()
 
 
 SESSIONS.add("onnx", OnnxRuntimeSession)

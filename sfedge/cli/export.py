@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoder-batch", type=positive_int, default=defaults.encoder_batch, help="frames per vision-encoder call")
     group.add_argument("--coreml-target", default=defaults.coreml_target, metavar="TARGET",
                        help="coreml: minimum deployment target of the vision encoder and projector (the stateful LLM needs iOS18)")
+    group.add_argument("--kv-layout", default=defaults.kv_layout, choices=["gqa-inplace", "past-present"],
+                       help="onnx: decoder KV cache, GroupQueryAttention on one in-place buffer per layer (default) or "
+                            "transformers.js's past/present tensors (for the web)")
+    group.add_argument("--calibration-video", metavar="VIDEO",
+                       help="onnx: frames to calibrate a static int8 vision encoder on (default: synthetic frames)")
     group.add_argument("--out", required=True, help="output folder")
     group.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     group.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(backend=args.backend, recipe=args.quant, max_context=args.max_context,
                             prefill_chunk=args.prefill_chunk, encoder_batch=args.encoder_batch,
                             overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target,
-                            extra_frames=tuple(frame_counts[1:]))
+                            extra_frames=tuple(frame_counts[1:]), kv_layout=args.kv_layout,
+                            calibration_video=args.calibration_video)
     config = model_config(args)
     if args.max_context is not None:
         from sfedge.models import resolve_config

@@ -1,0 +1,142 @@
+"""ONNX decoder KV layouts: GroupQueryAttention with an in-place buffer (default) and transformers.js's
+past/present, against the eager model over prefill chunks, decode steps and a rewind; save/load of
+the cache (prefix reuse)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+
+from sfedge.config import get_preset  # noqa: E402
+from sfedge.errors import SfedgeError, UsageError  # noqa: E402
+from sfedge.export import onnx_gqa  # noqa: E402
+from sfedge.export.api import ExportOptions, export_model  # noqa: E402
+from sfedge.manifest import read_manifest  # noqa: E402
+from sfedge.models import WeightsSource  # noqa: E402
+from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
+
+LAYOUTS = ["gqa-inplace", "past-present"]
+MAX_CONTEXT, CHUNK, TOL = 128, 32, 1e-4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_kv")
+    out = {}
+    for layout in LAYOUTS:
+        options = ExportOptions(backend="onnx", recipe="fp32", max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
+                                show_progress=False, kv_layout=layout)
+        export_model(get_preset("tiny"), WeightsSource(seed=0), options, root / layout)
+        out[layout] = root / layout
+    return out
+
+
+def _decoder_graph(folder: Path):
+    return onnx.load(str(folder / read_manifest(folder).component("text_decoder").file)).graph
+
+
+def test_reference_op_matches_sdpa_over_a_growing_buffer():
+    """The custom op's PyTorch semantics (what the ONNX node must do): rows written at total - T."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, buffer = 4, 2, 16, 12
+    past = torch.zeros(1, kv_heads, buffer, dim), torch.zeros(1, kv_heads, buffer, dim)
+    q, k, v = torch.randn(1, 3, heads * dim), torch.randn(1, 3, kv_heads * dim), torch.randn(1, 3, kv_heads * dim)
+    mask = torch.ones(1, 5, dtype=torch.long)  # 2 cached + 3 new
+    out, key, value = onnx_gqa.group_query_attention(q, k, v, *past, mask, heads, kv_heads)
+    assert torch.equal(key[0, :, 2:5], k.view(3, kv_heads, dim).transpose(0, 1))
+    assert not key[:, :, 5:].any() and out.shape == q.shape
+
+
+def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(folders):
+    layers = get_preset("tiny").llm.layers
+    for layout, folder in folders.items():
+        entry = read_manifest(folder).component("text_decoder")
+        assert entry.extra["kv_layout"] == layout
+        ops = Counter(node.op_type for node in _decoder_graph(folder).node)
+        past_dim = entry.inputs[3].shape[2]
+        if layout == "gqa-inplace":
+            assert ops["GroupQueryAttention"] == layers and past_dim == "max_sequence_length"
+            assert entry.outputs[1].shape[2] == "max_sequence_length"
+        else:
+            assert "GroupQueryAttention" not in ops and ops["Concat"] >= 2 * layers and past_dim == "past_sequence_length"
+    with pytest.raises(UsageError, match="kv-layout 'ring'.*known: gqa-inplace, past-present"):
+        export_model(get_preset("tiny"), WeightsSource(seed=0),
+                     ExportOptions(backend="onnx", kv_layout="ring", max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
+                                   show_progress=False),
+                     folders["gqa-inplace"].parent / "never")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunks_decode_and_rewind_match_eager(folders, layout):
+    session = open_session(folders[layout], SessionOptions(threads=1))
+    eager = open_session(folders[layout], backend="eager")
+    assert session.kv_layout == layout
+    ids = torch.randint(0, session.config.llm.vocab_size, (CHUNK * 2 + 17,), generator=torch.Generator().manual_seed(1))
+    embeds = eager.embed(ids)
+    for begin in range(0, embeds.shape[0], CHUNK):  # three chunks: first prompt, then two subsequent ones
+        chunk = embeds[begin:begin + CHUNK]
+        assert (session.decode(chunk, begin) - eager.decode(chunk, begin)).abs().max().item() <= TOL
+    position = embeds.shape[0]
+    for step in range(4):
+        token = eager.embed(ids[step:step + 1])
+        assert (session.decode(token, position) - eager.decode(token, position)).abs().max().item() <= TOL
+        position += 1
+    # rewind 10 positions: the new tokens overwrite, the old ones past the start are never read again
+    position -= 10
+    for step in range(3):
+        token = eager.embed(ids[40 + step:41 + step])
+        assert (session.decode(token, position) - eager.decode(token, position)).abs().max().item() <= TOL
+        position += 1
+    # a multi-token rewind (a new question after a shared video prefix)
+    chunk = embeds[5:25]
+    assert (session.decode(chunk, 30) - eager.decode(chunk, 30)).abs().max().item() <= TOL
+    with pytest.raises(SfedgeError, match="contiguous"):
+        session.decode(token, 60)
+
+
+def test_inplace_buffers_are_the_bound_outputs(folders):
+    session = open_session(folders["gqa-inplace"], SessionOptions(threads=1))
+    cache = session._cache
+    pointers = [value.data_ptr() for value in cache.values]
+    embeds = session.embed(torch.arange(20))
+    session.decode(embeds, 0)
+    key = cache.buffers[0]
+    assert key.shape == (1, session.config.llm.kv_heads, MAX_CONTEXT, session.config.llm.head_dim)
+    assert np.abs(key[:, :, :20]).sum() > 0 and not key[:, :, 20:].any()  # written by ORT into our numpy buffer
+    session.decode(embeds[:1], 20)
+    assert np.abs(key[:, :, 20]).sum() > 0 and not key[:, :, 21:].any()
+    assert [value.data_ptr() for value in cache.values] == pointers
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_save_reset_load_continues_like_no_save(folders, layout):
+    folder = folders[layout]
+    session = open_session(folder, SessionOptions(threads=1))
+    llm = session.config.llm
+    ids = torch.randint(0, llm.vocab_size, (CHUNK + 9,), generator=torch.Generator().manual_seed(2))
+    prompt, token = session.embed(ids), session.embed(ids[:1])
+    length = prompt.shape[0]
+    session.decode(prompt[:CHUNK], 0)
+    session.decode(prompt[CHUNK:], CHUNK)
+    saved = session.save_kv(length)
+    assert sorted(saved) == sorted(f"layer{i}.{kind}" for i in range(llm.layers) for kind in ("key", "value"))
+    assert saved["layer0.key"].shape == (1, llm.kv_heads, length, llm.head_dim)
+    expected = session.decode(token, length)  # continuing without save
+    session.reset()
+    session.load_kv(saved, length)
+    assert torch.equal(session.decode(token, length), expected)
+    other = open_session(folders[LAYOUTS[1 - LAYOUTS.index(layout)]], SessionOptions(threads=1))
+    other.load_kv(saved, length)  # the names and shapes are the same in both layouts
+    assert (other.decode(token, length) - expected).abs().max().item() <= TOL
+    with pytest.raises(SfedgeError, match="cache holds"):
+        session.save_kv(MAX_CONTEXT)
+    with pytest.raises(SfedgeError, match="has no layer0.key"):
+        session.load_kv({}, length)
+    with pytest.raises(SfedgeError, match="shape"):
+        session.load_kv({**saved, "layer1.value": saved["layer1.value"][:, :1]}, length)
