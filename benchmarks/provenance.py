@@ -13,7 +13,7 @@ from typing import Iterable, List
 
 # CPU flags (as /proc/cpuinfo spells them) that decide which int8/fp32 kernels XNNPACK, ONNX Runtime,
 # oneDNN and llama.cpp can use: exact names, plus every avx512* and amx* flag.
-KERNEL_FLAGS = ("sse4_2", "fma", "f16c", "avx", "avx2", "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "asimd",
+KERNEL_FLAGS = ("sse4_2", "fma", "f16c", "bmi2", "avx", "avx2", "avx_vnni", "avx_vnni_int8", "avx_ne_convert", "asimd",
                 "asimddp", "i8mm", "sve", "sme")
 KERNEL_FLAG_PREFIXES = ("avx512", "amx")
 LIBRARIES = ("torch", "executorch", "torchao", "onnxruntime", "coremltools", "tokenizers", "numpy", "opencv-python-headless")
