@@ -12,7 +12,7 @@ from sfedge.benchmarks.peers import PEER_NAMES
 from sfedge.errors import SfedgeError, UsageError
 
 OURS = "llm"
-_NATIVE_LOG = re.compile(r"^(\[\w+\.(cpp|h):\d+\]|[IWE]\d{4} |[IWE] )")  # [op.cpp:12] ..., glog/absl, tokenizers
+_NATIVE_LOG = re.compile(r"^(\[\w+\.(cpp|h):\d+\]|[IWE]\d{4} |[IWE] |\.+$)")  # [op.cpp:12] ..., glog/absl, tokenizers, llama.cpp's load dots
 
 
 def _quiet_progress(line: str) -> None:
@@ -108,12 +108,13 @@ def format_table(results: Dict[str, dict], prompt: int, gen: int) -> str:
         if ours:
             cells += [f"{mean(OURS, metric) / mean(k, metric):.2f}x" if mean(k, metric) else "" for k in peers]
         lines.append("| " + " | ".join([label] + cells) + " |")
-    extra = [("prefill, ms", lambda r: r["metrics"]["prefill_ms"]["mean"]), ("peak RSS, MiB", lambda r: r["peak_rss_bytes"] / 2**20), ("load, ms", lambda r: r["model_load_ms"]),
-             ("model file, MiB", lambda r: r["model_bytes"] / 2**20 if r.get("model_bytes") else None)]
-    for label, get in extra:
+    extra = [("prefill, ms", lambda r: r["metrics"]["prefill_ms"]["mean"], "{:,.1f}"),
+             ("peak RSS, MiB", lambda r: r["peak_rss_bytes"] / 2**20, "{:,.0f}"), ("load, ms", lambda r: r["model_load_ms"], "{:,.0f}"),
+             ("model file, MiB", lambda r: r["model_bytes"] / 2**20 if r.get("model_bytes") else None, "{:,.1f}")]
+    for label, get, spec in extra:
         values = [get(results[k]) for k in keys]
         if any(v is not None for v in values):
-            cells = ["" if v is None else f"{v:,.0f}" for v in values] + ([""] * len(peers) if ours else [])
+            cells = ["" if v is None else spec.format(v) for v in values] + ([""] * len(peers) if ours else [])
             lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
