@@ -51,8 +51,17 @@ PROVENANCE_COLUMNS = [
     ("sfedge_version", "sfedge", lambda p: p.get("sfedge_version")),
     ("git_commit", "commit", lambda p: p.get("git_commit")),
     ("cpu", "CPU", lambda p: p.get("cpu")),
+    ("cpu_flags", "CPU flags", lambda p: " ".join(p.get("cpu_flags", []))),
     ("libraries", "libraries", lambda p: " ".join(f"{k}={v}" for k, v in sorted(p.get("libraries", {}).items()))),
 ]
+
+
+def probe_note(limit: dict) -> str:
+    """' (probe 1200 MiB, LLC 300 MiB)': what the bandwidth probe streamed, against the cache it had to beat."""
+    if not limit.get("probe_bytes"):
+        return ""
+    llc = f", LLC {limit['llc_bytes'] / 2**20:.0f} MiB" if limit.get("llc_bytes") else ", LLC unknown"
+    return f" (probe {limit['probe_bytes'] / 2**20:.0f} MiB{llc})"
 
 
 def _pct(record: dict, key: str):
@@ -141,7 +150,7 @@ def print_markdown(document: dict) -> str:
     for threads, limit in sorted(document.get("limits", {}).items()):
         if threads == str(limit.get("threads")):
             constant.append(f"limits ({threads} thread(s)): read {limit['read_gb_s']:.1f} GB/s, copy {limit['copy_gb_s']:.1f} GB/s, "
-                            f"fp32 matmul {limit['matmul_gflop_s']:.0f} GFLOP/s")
+                            f"fp32 matmul {limit['matmul_gflop_s']:.0f} GFLOP/s{probe_note(limit)}")
     lines += [f"- {item}" for item in constant]
     if ok:
         lines += ["", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -54,7 +54,7 @@ def spawn_worker(job: dict, progress: Callable[[str], None] = _progress, timeout
     if isinstance(result, dict) and (code == 0 or result.get("status") == "failed"):
         return result
     detail = " | ".join(line for line in tail if line.strip())[-600:]
-    return {"status": "failed", "note": f"worker exited with code {code}: {detail or 'no output'}"}
+    return {"status": "failed", "returncode": code, "note": f"worker exited with code {code}: {detail or 'no output'}"}
 
 
 def measure_limits(threads: Optional[int], progress: Callable[[str], None] = _progress) -> dict:

@@ -2,7 +2,7 @@
 stdin and prints one JSON result on stdout (progress goes to stderr).
 
 Jobs: {"kind": "case", "case": BenchCase}, {"kind": "limits", "threads": n}, and the peers' jobs
-{"kind": "llm" | "transformers" | "executorch-runner", ...} (benchmarks/peers.py).
+{"kind": "llm" | "transformers" | "executorch-runner" | "llama.cpp" | "llama.cpp-gguf", ...} (benchmarks/peers/).
 
 Only the runtime is used (Pipeline.from_folder / Pipeline.from_preset, the session, generate), so
 every backend is measured by the same code. Stage boundaries are observed through the RunStats
@@ -250,11 +250,11 @@ def dispatch(job: dict) -> dict:
         return run_case(BenchCase.from_dict(job["case"]))
     if kind == "limits":
         return run_limits(job)
-    if kind in ("llm", "transformers", "executorch-runner"):
-        from sfedge.benchmarks import peers
+    from sfedge.benchmarks import peers
 
+    if peers.handles(kind):
         return peers.run_job(job)
-    raise UsageError(f"unknown worker job kind {kind!r}; known: case, limits, llm, transformers, executorch-runner")
+    raise UsageError(f"unknown worker job kind {kind!r}; known: case, limits, {', '.join(peers.JOBS)}")
 
 
 def main() -> int:

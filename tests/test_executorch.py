@@ -222,7 +222,7 @@ def test_executorch_runner_peer_runs_the_same_pte(fp32_folder: Path, capsys):
             "--warmup", "0"]
     assert peers.main(argv) == 0
     table = capsys.readouterr().out
-    assert "ExecuTorch 1.5.1 runner" in table and "sfedge executorch" in table and "decode 4 tok" in table
+    assert "ExecuTorch 1.5.1 runner" in table and "sfedge executorch" in table and "decode after 12 tok" in table
     too_long = [str(fp32_folder), "--peer", "executorch-runner", "--prompt-tokens", str(CHUNK + 1), "-r", "1"]
     assert peers.main(too_long) == 2
     assert "prefill chunk" in capsys.readouterr().err

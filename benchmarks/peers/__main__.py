@@ -1,0 +1,5 @@
+import sys
+
+from sfedge.benchmarks.peers.cli import main
+
+sys.exit(main())
