@@ -255,3 +255,24 @@ def test_flat_decode_method_shares_the_kv_cache(export_dir):
         got, want = session.decode(embeds[start:start + size], start), eager.decode(embeds[start:start + size], start)
         assert (got - want).abs().max().item() <= 1e-4, (start, size)
     assert len(used) == 3  # positions 38, 39 and 72 took the flat method
+
+
+@pytest.mark.parametrize("file", ["llm.pte", "vision_encoder.pte"])
+def test_truncated_pte_without_verification_is_a_one_line_error(fp32_folder: Path, tmp_path, capsys, file):
+    """--no-verify skips the sha256, so the loader meets the damaged file: one line naming it, no traceback."""
+    import shutil
+
+    from sfedge.cli import main
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(fp32_folder, folder)
+    data = (folder / file).read_bytes()
+    (folder / file).write_bytes(data[: len(data) // 2])
+    video = tmp_path / "clip.mp4"
+    from sfedge.runtime.video import make_demo_video
+
+    make_demo_video(video, seconds=1.0, fps=8, size=64)
+    code = main(["run", str(folder), "--video", str(video), "--prompt", "hi", "--max-new-tokens", "2", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert f"{file} is not a loadable ExecuTorch program" in err, err

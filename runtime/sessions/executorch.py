@@ -60,15 +60,25 @@ def _load_library(name: str) -> None:
 class _Program:
     """One loaded .pte: its method names, and each method loaded once, on first use."""
 
-    def __init__(self, program):
+    def __init__(self, program, path: str):
         self._program = program
+        self.path = path
         self.method_names = {program.get_method_name(i) for i in range(program.num_methods())}
         self._methods: Dict[str, object] = {}
 
     def load_method(self, name: str):
         if name not in self._methods:
-            self._methods[name] = self._program.load_method(name)
+            try:
+                self._methods[name] = self._program.load_method(name)
+            except RuntimeError as exc:  # a damaged delegate blob or kernel table: the runtime's own error code
+                raise SfedgeError(f"{self.path}: ExecuTorch could not load method {name!r} ({_first_line(exc)}): the file "
+                                  f"is damaged or from another ExecuTorch version; re-export it (or drop --no-verify)") from None
         return self._methods[name]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Runtime:
@@ -76,8 +86,13 @@ class _Runtime:
         self._pybindings = pybindings
 
     def load_program(self, path: str) -> _Program:
-        return _Program(self._pybindings._load_program(path, enable_etdump=False, debug_buffer_size=0,
-                                                       program_verification=self._pybindings.Verification.InternalConsistency))
+        try:
+            program = self._pybindings._load_program(path, enable_etdump=False, debug_buffer_size=0,
+                                                     program_verification=self._pybindings.Verification.InternalConsistency)
+        except RuntimeError as exc:  # truncated / corrupted flatbuffer: "Failed to load program, error: 0x..."
+            raise SfedgeError(f"{path} is not a loadable ExecuTorch program ({_first_line(exc)}): the file is truncated or "
+                              f"damaged; re-export it (or drop --no-verify to have its sha256 checked)") from None
+        return _Program(program, path)
 
 
 def _runtime() -> _Runtime:
