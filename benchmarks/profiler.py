@@ -104,9 +104,8 @@ def measure(job: ProfileJob) -> DeviceProfile:
     from sfedge.budget import DEFAULT_QUESTION, visual_token_counts
     from sfedge.prompt import tokenize_prompt
     from sfedge.runtime.sampling import Sampler, SamplingConfig
+    from sfedge.runtime.stats import peak_rss_bytes
     from sfedge.runtime.video import load_video, preprocess
-
-    peak_rss_bytes = own_peak_rss_bytes
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -244,21 +243,6 @@ def measure(job: ProfileJob) -> DeviceProfile:
     return DeviceProfile(schema=SCHEMA, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                          machine=machine, model=model, fits=fits, rss_start_bytes=rss_start, rss_loaded_bytes=rss_loaded,
                          frames=tuple(frames), max_position=position, measured=tuple(measured), provenance=provenance())
-
-
-def own_peak_rss_bytes() -> int:
-    """This process's own RSS high-water mark: VmHWM on Linux (getrusage's ru_maxrss survives
-    fork + exec, so a child reports at least its parent's peak), else getrusage."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from sfedge.runtime.stats import peak_rss_bytes
-
-    return peak_rss_bytes()
 
 
 def _cores() -> int:

@@ -133,7 +133,8 @@ def test_profile_round_trip_and_bad_files(tmp_path, capsys):
     assert prediction["ttft_ms"] == pytest.approx(sum(prediction["stages_ms"].values()))
     assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "8", "--profile", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "TTFT" in text and "peak RSS" in text and "EXTRAPOLATED     context 1467 is past the profiled position 1000" in text
+    # 8 frames, v1 SlowFast: 32 slow frames (repeated) x 144 + 8 x 36 = 4,896 visual tokens + the template's text
+    assert "TTFT" in text and "peak RSS" in text and "EXTRAPOLATED     context 4923 is past the profiled position 1000" in text
     assert main(["budget", "--model", "tiny", "--profile", str(tmp_path / "missing.json")]) == 1
     assert "cannot read device profile" in capsys.readouterr().err
 
