@@ -133,6 +133,8 @@ class ExecuTorchSession(ModelSession):
         self.folder = Path(folder)
         self.manifest = manifest
         self.config = ModelConfig.from_dict(manifest.model_config)
+        for entry in manifest.components:  # files load on first use: refuse escaping paths now, verified or not
+            artifact_path(self.folder, entry.file)
         _load_kernels(manifest)
         if options.threads:
             _pybindings()._unsafe_reset_threadpool(int(options.threads))

@@ -17,14 +17,18 @@ from sfedge.errors import SfedgeError
 from sfedge.manifest import Component, Manifest
 from sfedge.runtime.sessions.base import SESSIONS, SessionOptions
 from sfedge.runtime.sessions.coreml import alternative_export
-from sfedge.runtime.sessions.executorch import ExecuTorchSession, _runtime
+from sfedge.runtime.sessions.executorch import ExecuTorchSession
 
 COREML_BACKEND_ID = "CoreMLBackend"
 
 
 def require_coreml_delegate(folder: Path, manifest: Manifest) -> None:
     """Raise the one-line explanation when this ExecuTorch runtime cannot run Core ML delegates."""
-    registry = _runtime().backend_registry
+    try:
+        from executorch.runtime import Runtime  # the full runtime API (its backend registry); this path is rare
+    except ModuleNotFoundError as exc:
+        raise SfedgeError(f"the executorch runtime needs {exc.name}: pip install 'sfedge[executorch]'") from None
+    registry = Runtime.get().backend_registry
     if not registry.is_available(COREML_BACKEND_ID):
         have = ", ".join(registry.registered_backend_names) or "none"
         raise SfedgeError(f"{folder} holds an executorch-coreml program (every method is a Core ML delegate), and this "
