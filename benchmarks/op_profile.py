@@ -105,10 +105,13 @@ def _value(spec: TensorSpec, shape: List[int], position: int, rng: np.random.Gen
     return rng.standard_normal(shape).astype(dtype) * (0.0 if spec.name.startswith("past") else 1.0)
 
 
-def feeds_for(entry: ArtifactEntry, tokens: int, position: int, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Concrete inputs for ``entry``: ``tokens`` new tokens at cache position ``position``, ``batch`` frames."""
+def feeds_for(entry: ArtifactEntry, tokens: int, position: int, batch: int, seed: int = 0,
+              max_context: int = 0) -> Dict[str, np.ndarray]:
+    """Concrete inputs for ``entry``: ``tokens`` new tokens at cache position ``position``, ``batch`` frames
+    (``max_context``: the length of an in-place KV buffer, ONNX's GroupQueryAttention layout)."""
     dims = {"tokens": tokens, "sequence_length": tokens, "past_sequence_length": position,
-            "total_sequence_length": position + tokens, "batch_size": batch, "batch": batch}
+            "total_sequence_length": position + tokens, "batch_size": batch, "batch": batch,
+            **({"max_sequence_length": max_context} if max_context else {})}
     rng = np.random.default_rng(seed)
     return {spec.name: _value(spec, _shape(spec, dims, entry.file), position, rng) for spec in entry.inputs}
 
@@ -125,9 +128,9 @@ def cases(manifest: Manifest, positions: Sequence[int]) -> List[Case]:
     chunk = min(chunk, max_context - 1) if max_context else chunk
     found = [Case(vision, f"batch {batch}", feeds_for(vision, 1, 0, batch)),
              Case(projector, f"{projector.extra.get('frames', '?')} frames", feeds_for(projector, 1, 0, batch)),
-             Case(decoder, f"prefill {chunk} @0", feeds_for(decoder, chunk, 0, 1))]
+             Case(decoder, f"prefill {chunk} @0", feeds_for(decoder, chunk, 0, 1, max_context=max_context))]
     for position in dict.fromkeys(min(p, max_context - 1) if max_context else p for p in positions):
-        found.append(Case(decoder, f"decode @{position}", feeds_for(decoder, 1, position, 1)))
+        found.append(Case(decoder, f"decode @{position}", feeds_for(decoder, 1, position, 1, max_context=max_context)))
     return found
 
 

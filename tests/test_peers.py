@@ -135,8 +135,7 @@ def test_sigill_in_a_worker_becomes_the_rebuild_hint(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGILL)
     """))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(runner, "WORKER_MODULE", "sigill_worker")
-    result = runner.spawn_worker({"kind": "llama.cpp"}, progress=lambda line: None)
+    result = runner.spawn_worker({"kind": "llama.cpp"}, progress=lambda line: None, module="sigill_worker")
     assert result["status"] == "failed" and result["returncode"] == -signal.SIGILL
     with pytest.raises(SfedgeError, match=r"forbids \(SIGILL\): rebuild with CMAKE_ARGS=\"-DGGML_NATIVE=OFF") as info:
         check_worker_result(result, "llama.cpp")
