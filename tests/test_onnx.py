@@ -246,6 +246,14 @@ def test_parity_fails_for_an_artifact_that_is_not_its_model(export_dir, tmp_path
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["weights"]["seed"] = manifest["weights"]["seed"] + 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SfedgeError, match="changed since export"):  # the recorded fingerprint no longer matches
+        run_parity(folder, steps=8)
+    assert main(["parity", str(folder), "--steps", "4"]) == 1
+    # a manifest consistently rewritten to name another model (fingerprint too) still fails on the numbers
+    from sfedge.models import WeightsSource
+
+    manifest["weights"]["fingerprint"] = WeightsSource.from_dict(manifest["weights"]).fingerprint()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     report = run_parity(folder, steps=8)
     assert not report.passed and not any(row.passed for row in report.rows)
     assert main(["parity", str(folder), "--steps", "4"]) == 1
