@@ -17,7 +17,7 @@ cached at p and after.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -154,22 +154,20 @@ class VideoChat:
         self.question_stats.append(stats)
         self.conversation = list(target)
         self.last_answer_ids: List[int] = []
-        text = TextStream(self.tokenizer)
         position = self.prefix_length + len(target)
-        for token in decode_tokens(self.session, logits, position, Sampler(sampling), max_new_tokens,
-                                   self.pipeline.config.llm.eos_ids if eos_ids is None else eos_ids, stats,
-                                   fed=self.cached):
-            self.conversation.append(token)
-            self.last_answer_ids.append(token)
-            piece = text.push(token)
-            if piece:
-                yield piece
-        tail = text.flush()
-        if tail:
-            yield tail
+        tokens = decode_tokens(self.session, logits, position, Sampler(sampling), max_new_tokens,
+                               self.pipeline.config.llm.eos_ids if eos_ids is None else eos_ids, stats, fed=self.cached)
+        yield from TextStream(self.tokenizer).pieces(self._recorded(tokens))
         from sfedge.runtime.pipeline import finish_stats
 
         finish_stats(stats)
+
+    def _recorded(self, tokens: Iterable[int]) -> Iterator[int]:
+        """Pass the generated tokens on, keeping them in the conversation and the last answer."""
+        for token in tokens:
+            self.conversation.append(token)
+            self.last_answer_ids.append(token)
+            yield token
 
     def answer(self, question: str, **kwargs) -> str:
         return "".join(self.ask(question, **kwargs))

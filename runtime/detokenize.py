@@ -7,7 +7,7 @@ as U+FFFD, which is what the bytes decode to).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterable, Iterator, List
 
 REPLACEMENT = "\ufffd"
 
@@ -24,6 +24,16 @@ class TextStream:
         if text.endswith(REPLACEMENT):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
         return self._advance(text)
+
+    def pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Every non-empty piece of ``tokens`` as they come, then what is left at the end."""
+        for token in tokens:
+            piece = self.push(token)
+            if piece:
+                yield piece
+        tail = self.flush()
+        if tail:
+            yield tail
 
     def flush(self) -> str:
         if not self.tokens:

@@ -170,14 +170,8 @@ class Pipeline:
         stats.inference_start_ms = now_ms()
         embeds = self.prepare(video_path, question, video, stats)
         self.kv_owner = None  # generate() starts the cache over
-        text = TextStream(self.tokenizer)
-        for token in generate(self.session, embeds, Sampler(sampling), max_new_tokens, self.config.llm.eos_ids, stats):
-            piece = text.push(token)
-            if piece:
-                yield piece
-        tail = text.flush()
-        if tail:
-            yield tail
+        tokens = generate(self.session, embeds, Sampler(sampling), max_new_tokens, self.config.llm.eos_ids, stats)
+        yield from TextStream(self.tokenizer).pieces(tokens)
         finish_stats(stats)
 
     # --- video chat: one video, many questions (runtime/chat.py) -----------------------------------
