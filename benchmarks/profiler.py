@@ -12,7 +12,6 @@ attention slope), so a profile costs about two prefills at the largest frame cou
 from __future__ import annotations
 
 import datetime
-import json
 import socket
 import sys
 import time
@@ -252,13 +251,9 @@ def _cores() -> int:
 
 
 def main() -> int:
-    try:
-        result = measure(ProfileJob.from_dict(json.loads(sys.stdin.read()))).to_dict()
-        code = 0
-    except SfedgeError as exc:
-        result, code = {"status": "failed", "note": str(exc)}, 1
-    print(json.dumps(result), flush=True)
-    return code
+    from sfedge.benchmarks.worker import serve_one_job
+
+    return serve_one_job(lambda job: measure(ProfileJob.from_dict(job)).to_dict())
 
 
 if __name__ == "__main__":

@@ -257,15 +257,19 @@ def dispatch(job: dict) -> dict:
     raise UsageError(f"unknown worker job kind {kind!r}; known: case, limits, {', '.join(peers.JOBS)}")
 
 
-def main() -> int:
+def serve_one_job(handle) -> int:
+    """A worker process's protocol: one JSON job on stdin -> ``handle(job)`` -> one JSON result on stdout
+    (an SfedgeError becomes {"status": "failed", "note": ...} and exit code 1)."""
     try:
-        job = json.loads(sys.stdin.read())
-        result = dispatch(job)
-        code = 0
+        result, code = handle(json.loads(sys.stdin.read())), 0
     except SfedgeError as exc:
         result, code = {"status": "failed", "note": str(exc)}, 1
     print(json.dumps(result), flush=True)
     return code
+
+
+def main() -> int:
+    return serve_one_job(dispatch)
 
 
 if __name__ == "__main__":
