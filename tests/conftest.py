@@ -1,5 +1,9 @@
-"""Shared fixtures: a tiny model, a generated video, a tiny tokenizer. Nothing is downloaded."""
+"""Shared fixtures: a tiny model, a generated video, a tiny tokenizer, tiny exports made once per
+session. Nothing is downloaded."""
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,18 @@ import torch
 from sfedge.config import get_preset
 from sfedge.models import WeightsSource, build_model
 from sfedge.runtime.video import make_demo_video
+
+
+# The tiny preset cut to one LLM layer and one vision block (XNNPACK lowering costs seconds per
+# partition, and every ExecuTorch recipe must export in a few minutes), with LLM widths of 128 so that
+# the group-128 recipe applies (every linear's input width must be a multiple of its group).
+_TINY = get_preset("tiny")
+EXECUTORCH_CONFIG = _TINY.replace(vision=dataclasses.replace(_TINY.vision, depth=1),
+                                  llm=dataclasses.replace(_TINY.llm, layers=1, hidden=128, head_dim=32, intermediate=256))
+# ... exported with these options: a static encoder batch of 2 (a padded last batch), prefill chunks of 32,
+# and (fp32) an extra 4-frame projector. test_executorch.py and test_profile.py share that fp32 folder.
+EXECUTORCH_OPTIONS = dict(max_context=128, prefill_chunk=32, encoder_batch=2)
+EXECUTORCH_EXTRA_FRAMES = (4,)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +40,51 @@ def demo_video(tmp_path_factory):
     return make_demo_video(tmp_path_factory.mktemp("video") / "demo.mp4", seconds=2.0, fps=12, size=96)
 
 
+@pytest.fixture(scope="session")
+def export_once(tmp_path_factory):
+    """``export_once(backend, recipe="fp32", config=None, **options)`` -> the folder of that export of the
+    tiny preset (or ``config``) with seeded weights (seed 0), named ``<preset>_<backend>_<recipe>``.
+
+    Each distinct set of arguments is exported once per session and the folder is shared by every test
+    that asks for it, so it is READ ONLY: a test that changes a file copies it first
+    (``shutil.copytree(folder, tmp_path / "copy")``; a tiny folder copies in milliseconds). Tests that
+    use it lower or convert a real export: mark them ``@pytest.mark.slow``."""
+    from sfedge.export.api import ExportOptions, export_model
+
+    made: dict = {}
+
+    def get(backend: str, recipe: str = "fp32", config=None, **options) -> Path:
+        config = config or get_preset("tiny")
+        export_options = ExportOptions(backend=backend, recipe=recipe, show_progress=False, **options)
+        key = (repr(config), repr(export_options))  # an option given at its default is the same export
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{backend}_{recipe}") / f"{config.name}_{backend}_{recipe}"
+            export_model(config, WeightsSource(seed=0), export_options, folder)
+            made[key] = folder
+        return made[key]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(export_once):
+    """The tiny ONNX fp32 export (the cheapest real artifact folder), as `sfedge demo` makes it: read only."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
+    return export_once("onnx", max_context=256, prefill_chunk=64)
+
+
+@pytest.fixture(scope="session")
+def executorch_export(export_once):
+    """recipe -> the ExecuTorch export of EXECUTORCH_CONFIG with EXECUTORCH_OPTIONS (shared, read only)."""
+    pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
+
+    def get(recipe: str) -> Path:
+        return export_once("executorch", recipe, config=EXECUTORCH_CONFIG, **EXECUTORCH_OPTIONS,
+                           extra_frames=EXECUTORCH_EXTRA_FRAMES if recipe == "fp32" else ())
+
+    return get

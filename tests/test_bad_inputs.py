@@ -100,18 +100,6 @@ def bad(tmp_path_factory, demo_video):
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory):
-    """A tiny ONNX fp32 export (the cheapest real artifact folder)."""
-    from sfedge.config import get_preset
-    from sfedge.export.api import ExportOptions, export_model
-    from sfedge.models import WeightsSource
-
-    folder = tmp_path_factory.mktemp("artifacts") / "tiny_onnx_fp32"
-    export_model(get_preset("tiny"), WeightsSource(seed=0), ExportOptions(backend="onnx", recipe="fp32", show_progress=False), folder)
-    return folder
-
-
 # --- artifact mutations -------------------------------------------------------------------------
 
 def _edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -280,7 +268,13 @@ def _tree(folder: Path) -> set:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def _param(row: Row):
+    """Rows that need the tiny ONNX export ({art}) belong to the slow tier (the export is made once per session)."""
+    needs_export = any("{art}" in arg for arg in row.argv)
+    return pytest.param(row, id=row.id, marks=[pytest.mark.slow] if needs_export else [])
+
+
+@pytest.mark.parametrize("row", [_param(row) for row in ROWS])
 def test_bad_input(row, tmp_path, monkeypatch, capsys, bad, demo_video, request):
     work = tmp_path / "work"
     work.mkdir()

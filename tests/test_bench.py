@@ -177,20 +177,14 @@ def test_usage_errors(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_artifact_folder_fixes_frames(tmp_path_factory, demo_video):
+@pytest.mark.slow
+def test_artifact_folder_fixes_frames(tiny_onnx, tmp_path, demo_video):
     """An exported folder (ONNX, the quickest export here): its frame count is fixed, other values are
     skipped with a note, and the artifact bytes come from the files."""
-    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
-    from sfedge.config import get_preset
-    from sfedge.export.api import ExportOptions, export_model
     from sfedge.manifest import path_bytes
-    from sfedge.models import WeightsSource
 
-    folder = tmp_path_factory.mktemp("onnx") / "tiny_onnx_fp32"
-    export_model(get_preset("tiny"), WeightsSource(seed=0),
-                 ExportOptions(backend="onnx", recipe="fp32", max_context=256, prefill_chunk=64,
-                                               show_progress=False), folder)
-    out = folder.parent / "bench.jsonl"
+    folder = tiny_onnx
+    out = tmp_path / "bench.jsonl"
     assert main(["bench", str(folder), "--frames", "4,8", "-r", "1", "--gen-tokens", "8", "--threads", "1",
                  "--no-limits", "--video", str(demo_video), "--output", "jsonl", "--out", str(out)]) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfedge.config import get_preset
 from sfedge.errors import SfedgeError
-from sfedge.models import WeightsSource
 from sfedge.runtime.pipeline import Pipeline
 from sfedge.runtime.sampling import SamplingConfig
 
@@ -24,20 +22,11 @@ BACKENDS = {"onnx": "onnx", "executorch": "executorch.runtime"}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from sfedge.export.api import ExportOptions, export_model
-
-    made: dict = {}
-
+def folders(export_once):
+    """backend -> its tiny fp32 export (made once per session, read only)."""
     def get(backend: str) -> Path:
         pytest.importorskip(BACKENDS[backend], reason=f"the {backend} extra is not installed")
-        if backend not in made:
-            folder = tmp_path_factory.mktemp("chat") / f"tiny_{backend}_fp32"
-            options = ExportOptions(backend=backend, recipe="fp32", max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                                    show_progress=False)
-            export_model(get_preset("tiny"), WeightsSource(seed=0), options, folder)
-            made[backend] = folder
-        return made[backend]
+        return export_once(backend, max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
 
     return get
 

@@ -85,6 +85,7 @@ def _blob_offsets(path: Path) -> dict:
     return offsets
 
 
+@pytest.mark.slow
 def test_llm_package_is_one_multifunction_stateful_model(fp16_folder):
     config = get_preset("tiny").llm
     manifest = read_manifest(fp16_folder)
@@ -114,6 +115,7 @@ def test_llm_package_is_one_multifunction_stateful_model(fp16_folder):
     assert "scaled_dot_product_attention" in ops
 
 
+@pytest.mark.slow
 def test_weights_are_stored_once_across_functions(fp16_folder):
     offsets = _blob_offsets(fp16_folder / "llm.mlpackage")
     # prefill and decode read the same linear weights; embed's table is lm_head's (tied embeddings)
@@ -125,6 +127,7 @@ def test_weights_are_stored_once_across_functions(fp16_folder):
     assert weight_bin.stat().st_size < 1.2 * unique_fp16
 
 
+@pytest.mark.slow
 def test_static_packages_spec(fp16_folder):
     config = get_preset("tiny")
     manifest = read_manifest(fp16_folder)
@@ -138,6 +141,7 @@ def test_static_packages_spec(fp16_folder):
         assert not any(op.startswith("constexpr") for op in _ops(fp16_folder / name))
 
 
+@pytest.mark.slow
 def test_int4_recipe_is_really_applied(fp16_folder, int4_folder):
     manifest = read_manifest(int4_folder)
     decoder = manifest.component(Component.TEXT_DECODER).quantization
@@ -154,6 +158,7 @@ def test_int4_recipe_is_really_applied(fp16_folder, int4_folder):
 
 @pytest.mark.parametrize("scheme, op", [(INT8, "constexpr_blockwise_shift_scale"), (PALETTIZE4, "constexpr_lut_to_dense"),
                                         (INT4, "constexpr_blockwise_shift_scale")])
+@pytest.mark.slow
 def test_compression_ops_and_size(prefill_mlmodel, tmp_path, scheme, op):
     from collections import Counter
 
@@ -210,6 +215,7 @@ def test_masked_cache_swap_matches_eager_with_padding():
 
 
 @pytest.mark.skipif(ON_MACOS, reason="on macOS the session runs; see test_parity_on_macos")
+@pytest.mark.slow
 def test_session_refuses_on_linux_with_the_alternative(fp16_folder):
     from sfedge.runtime.sessions import open_session
 
@@ -219,6 +225,7 @@ def test_session_refuses_on_linux_with_the_alternative(fp16_folder):
 
 
 @pytest.mark.skipif(not ON_MACOS, reason="Core ML prediction (and MLState) needs macOS 15+")
+@pytest.mark.slow
 def test_parity_on_macos(fp16_folder, int4_folder):
     from sfedge.runtime.parity import run_parity
 
@@ -227,6 +234,7 @@ def test_parity_on_macos(fp16_folder, int4_folder):
         assert report.passed, report.table()
 
 
+@pytest.mark.slow
 def test_executorch_coreml_pte_delegates_every_method(tmp_path_factory):
     pytest.importorskip("executorch")
     from executorch.exir._serialize._program import deserialize_pte_binary

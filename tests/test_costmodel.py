@@ -139,46 +139,35 @@ def test_profile_round_trip_and_bad_files(tmp_path, capsys):
     assert "cannot read device profile" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def onnx_folder(tmp_path_factory):
-    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
-    from sfedge.config import get_preset
-    from sfedge.export.api import ExportOptions, export_model
-    from sfedge.models import WeightsSource
-
-    folder = tmp_path_factory.mktemp("onnx") / "tiny_onnx_fp32"
-    export_model(get_preset("tiny"), WeightsSource(seed=0),
-                 ExportOptions(backend="onnx", recipe="fp32", max_context=512, prefill_chunk=64, show_progress=False), folder)
-    return folder
-
-
-def test_profile_of_another_backend_or_export_is_refused(onnx_folder, tmp_path, capsys):
+@pytest.mark.slow
+def test_profile_of_another_backend_or_export_is_refused(tiny_onnx, tmp_path, capsys):
     from sfedge.benchmarks.costmodel import manifest_sha256
 
-    right = dataclasses.replace(synthetic_profile(preset="tiny", backend="onnx", sha=manifest_sha256(str(onnx_folder))))
-    check_applies_to_folder(right, str(onnx_folder), None)
+    right = dataclasses.replace(synthetic_profile(preset="tiny", backend="onnx", sha=manifest_sha256(str(tiny_onnx))))
+    check_applies_to_folder(right, str(tiny_onnx), None)
     other_backend = dataclasses.replace(right, model=dataclasses.replace(right.model, backend="executorch"))
     with pytest.raises(SfedgeError, match="measured on backend executorch, not onnx"):
-        check_applies_to_folder(other_backend, str(onnx_folder), None)
+        check_applies_to_folder(other_backend, str(tiny_onnx), None)
     other_export = dataclasses.replace(right, model=dataclasses.replace(right.model, manifest_sha256="cd" * 32))
     path = tmp_path / "other.json"
     path.write_text(other_export.to_json())
-    assert main(["bench", str(onnx_folder), "--validate", str(path), "--no-limits", "-r", "1"]) == 1
+    assert main(["bench", str(tiny_onnx), "--validate", str(path), "--no-limits", "-r", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "measured on another export" in err[0]
 
 
-def test_profile_and_validate_tiny_onnx(onnx_folder, demo_video, tmp_path, capsys):
+@pytest.mark.slow
+def test_profile_and_validate_tiny_onnx(tiny_onnx, demo_video, tmp_path, capsys):
     """A real profile of a tiny ONNX export at 2 and 8 frames, then --validate at 8 frames."""
     path = tmp_path / "device.json"
     common = ["--threads", "1", "--no-limits", "--video", str(demo_video)]
-    assert main(["bench", str(onnx_folder), "--profile-out", str(path), "--frames", "2,8", "-r", "2", *common]) == 0
+    assert main(["bench", str(tiny_onnx), "--profile-out", str(path), "--frames", "2,8", "-r", "2", *common]) == 0
     profile = load_profile(str(path))
     assert profile.model.backend == "onnx" and profile.frames == (2, 8) and profile.model.prefill_chunk == 64
     assert profile.fits["encode_call_ms"].slope > 0 and profile.max_position > 8 * 4
     assert len(profile.fits["prefill_ms_per_token"].points) >= 1 and len(profile.fits["decode_ms_per_token"].points) == 4  # position 0, each count, 2x context
     assert "| prefill_ms_per_token |" in capsys.readouterr().out
-    assert main(["bench", str(onnx_folder), "--validate", str(path), "-r", "1", "--gen-tokens", "8", "--output", "json",
+    assert main(["bench", str(tiny_onnx), "--validate", str(path), "-r", "1", "--gen-tokens", "8", "--output", "json",
                  "--out", str(tmp_path / "b.json"), *common]) == 0
     table = capsys.readouterr().out
     for stage in ("vision_encode", "prefill", "TTFT", "decode", "peak RSS"):

@@ -12,7 +12,7 @@ from sfedge.cli import main
 def test_demo_eager_only_and_bad_exports(capsys):
     assert main(["demo", "--eager-only", "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
-    assert "[eager] frames 8" in err and "== export" not in err
+    assert "[eager] frames 8" in err and "visual tokens" in err and "TTFT" in err and "== export" not in err
     assert main(["demo", "--exports", "tflite:fp32"]) == 2
     assert "--exports: unknown backend 'tflite'" in capsys.readouterr().err
 

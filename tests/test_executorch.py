@@ -1,7 +1,6 @@
 """ExecuTorch (XNNPACK) backend: every recipe exported once (tiny preset), checked against eager."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 
 pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
-from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import SfedgeError, UsageError  # noqa: E402
 from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import CONSTANT_METHODS, Component, read_manifest  # noqa: E402
@@ -21,27 +19,25 @@ from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 import sfedge.export.executorch as et_export  # noqa: E402  (registers the exporter and the recipes)
+from conftest import EXECUTORCH_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS  # noqa: E402
 
-MAX_CONTEXT, CHUNK, BATCH = 128, 32, 2
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
                     "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic"}
 ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not exported twice
 
 
-# The tiny preset cut to one LLM layer and one vision block (XNNPACK lowering costs seconds per
-# partition, and six recipes must export in a few minutes), with LLM widths of 128 so that the
-# group-128 recipe applies (every linear's input width must be a multiple of its group).
-TINY = get_preset("tiny")
-CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1),
-                      llm=dataclasses.replace(TINY.llm, layers=1, hidden=128, head_dim=32, intermediate=256))
+# The tiny preset cut to one LLM layer and one vision block, exported with a static encoder batch of 2,
+# prefill chunks of 32 and (fp32) an extra 4-frame projector: tests/conftest.py (shared with test_profile.py).
+CONFIG = EXECUTORCH_CONFIG
+MAX_CONTEXT, CHUNK, BATCH = (EXECUTORCH_OPTIONS["max_context"], EXECUTORCH_OPTIONS["prefill_chunk"],
+                              EXECUTORCH_OPTIONS["encoder_batch"])
 HIDDEN = CONFIG.llm.hidden
-
-
-EXTRA_FRAMES = (4,)  # the fp32 export also carries a 4-frame projector (one folder serves a frame sweep)
+EXTRA_FRAMES = EXECUTORCH_EXTRA_FRAMES
 
 
 def _export(recipe: str, out: Path):
+    """A fresh export (for the tests that make one fail); the others share ``executorch_export``'s folders."""
     options = ExportOptions(backend="executorch", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
                             encoder_batch=BATCH, show_progress=False,
                             extra_frames=EXTRA_FRAMES if recipe == "fp32" else ())
@@ -49,23 +45,8 @@ def _export(recipe: str, out: Path):
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    """recipe -> artifact folder, each recipe exported once for the whole module."""
-    folders = {}
-
-    def get(recipe: str) -> Path:
-        if recipe not in folders:
-            folder = tmp_path_factory.mktemp("et") / f"tiny_executorch_{recipe}"
-            _export(recipe, folder)
-            folders[recipe] = folder
-        return folders[recipe]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def fp32_folder(export_dir) -> Path:
-    return export_dir("fp32")
+def fp32_folder(executorch_export) -> Path:
+    return executorch_export("fp32")
 
 
 def test_recipes_registered():
@@ -82,8 +63,9 @@ def _quantized_eager(recipe: str) -> EagerSession:
 
 
 @pytest.mark.parametrize("recipe", [name for name in RECIPES if name not in ALIASES])
-def test_parity_per_recipe(export_dir, recipe: str):
-    exported = export_dir(recipe)
+@pytest.mark.slow
+def test_parity_per_recipe(executorch_export, recipe: str):
+    exported = executorch_export(recipe)
     manifest = read_manifest(exported)
     tolerance = get_recipe("executorch", recipe).tolerance
     report = run_parity(exported, steps=16)  # components vs fp32; top-1 vs fp32 or the simulated recipe
@@ -107,6 +89,7 @@ def test_parity_per_recipe(export_dir, recipe: str):
     assert (decoder.extra["kv_dtype"], decoder.extra["attention_mode"]) == (kv_dtype, attention)
 
 
+@pytest.mark.slow
 def test_pte_methods_and_constants(fp32_folder: Path):
     session = open_session(fp32_folder)
     programs = session._programs  # (file, method) -> Program
@@ -128,6 +111,7 @@ def test_pte_methods_and_constants(fp32_folder: Path):
     assert (session.encoder_batch, session.frames, session.max_prefill_chunk) == (BATCH, 8, CHUNK)
 
 
+@pytest.mark.slow
 def test_extra_frame_counts_get_their_own_projector(fp32_folder: Path):
     manifest = read_manifest(fp32_folder)
     assert {f: e.file for f, e in manifest.projectors().items()} == {8: "projector.pte", 4: "projector_f4.pte"}
@@ -146,6 +130,7 @@ def test_extra_frame_counts_get_their_own_projector(fp32_folder: Path):
     assert [r.component for r in report.rows][:3] == ["vision_encoder", "projector", "projector[4f]"] and report.passed
 
 
+@pytest.mark.slow
 def test_manifest_entries(fp32_folder: Path):
     manifest = read_manifest(fp32_folder)
     decoder = manifest.component("text_decoder")
@@ -162,6 +147,7 @@ def test_manifest_entries(fp32_folder: Path):
         assert any(key.endswith(f".{stage}") for key in stages), stages
 
 
+@pytest.mark.slow
 def test_long_prompt_chunked_prefill_and_padded_encoder_batch(fp32_folder: Path):
     session = open_session(fp32_folder)
     eager = EagerSession.open(fp32_folder, read_manifest(fp32_folder), SessionOptions())
@@ -197,6 +183,7 @@ def test_weight_only_recipe_refused_with_reason(tmp_path: Path, name: str):
     assert "8da4w" in str(info.value) and name in str(info.value)
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch):
     calls = []
 
@@ -214,6 +201,7 @@ def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a .partial sibling
 
 
+@pytest.mark.slow
 def test_executorch_runner_peer_runs_the_same_pte(fp32_folder: Path, capsys):
     """ExecuTorch's own C++ runner loads our llm.pte (method names, constants, tokenizer.json) and is timed beside ours."""
     from sfedge.benchmarks import peers
@@ -238,10 +226,11 @@ def test_sdpa_probe_times_the_kernel_of_llm_pte(capsys):
     assert sdpa_probe.main(["--model", "tiny", "--positions", "0,x"]) == 2
 
 
-def test_flat_decode_method_shares_the_kv_cache(export_dir):
+@pytest.mark.slow
+def test_flat_decode_method_shares_the_kv_cache(executorch_export):
     """fp32-flat: prefill through text_decoder (causal), decode through text_decoder_flat (gqa-masked) past
     30% of the cache, both on one KV cache: logits as eager fp32's at every step (1e-4)."""
-    folder = export_dir("fp32-flat")
+    folder = executorch_export("fp32-flat")
     decoder = read_manifest(folder).component(Component.TEXT_DECODER)
     assert decoder.extra["decode_method"] == "text_decoder_flat" and decoder.extra["decode_method_from_position"] == 38
     session = open_session(folder)
@@ -258,6 +247,7 @@ def test_flat_decode_method_shares_the_kv_cache(export_dir):
 
 
 @pytest.mark.parametrize("file", ["llm.pte", "vision_encoder.pte"])
+@pytest.mark.slow
 def test_truncated_pte_without_verification_is_a_one_line_error(fp32_folder: Path, tmp_path, capsys, file):
     """--no-verify skips the sha256, so the loader meets the damaged file: one line naming it, no traceback."""
     import shutil

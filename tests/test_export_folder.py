@@ -170,6 +170,7 @@ def _wait_until_exporting(proc: subprocess.Popen, parent: Path, timeout: float =
     raise AssertionError(f"the export ended before tracing (exit {proc.wait()})")
 
 
+@pytest.mark.slow
 def test_sigterm_mid_export_leaves_no_partial_folder(tmp_path):
     pytest.importorskip("onnxruntime")
     proc = _start_export(tmp_path / "out")
@@ -185,6 +186,7 @@ def test_sigterm_mid_export_leaves_no_partial_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_export_is_reclaimed_by_the_next_export(tmp_path, no_build):
     pytest.importorskip("onnxruntime")
     proc = _start_export(tmp_path / "out")

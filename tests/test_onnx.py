@@ -12,9 +12,7 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
 
-from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import SfedgeError  # noqa: E402
-from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import Component, read_manifest  # noqa: E402
 from sfedge.models import WeightsSource, build_model  # noqa: E402
 from sfedge.quantize import onnx as onnx_quant  # noqa: E402
@@ -39,17 +37,11 @@ def test_every_registered_recipe_is_tested():
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx")
-    folders: dict = {}
-
+def export_dir(export_once):
+    """recipe -> its tiny export (shared for the session, read only); fp32 also carries a 4-frame projector."""
     def get(recipe: str) -> Path:
-        if recipe not in folders:
-            options = ExportOptions(backend="onnx", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                                    show_progress=False, extra_frames=(4,) if recipe == "fp32" else ())
-            export_model(get_preset("tiny"), WeightsSource(seed=0), options, root / f"tiny_onnx_{recipe}")
-            folders[recipe] = root / f"tiny_onnx_{recipe}"
-        return folders[recipe]
+        return export_once("onnx", recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
+                           extra_frames=(4,) if recipe == "fp32" else ())
 
     return get
 
@@ -71,6 +63,7 @@ def _plain_feeds(session, manifest, tokens: int, past: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.slow
 def test_files_are_valid_and_run_in_plain_onnxruntime(export_dir, recipe):
     folder = export_dir(recipe)
     manifest = read_manifest(folder)
@@ -98,6 +91,7 @@ def test_files_are_valid_and_run_in_plain_onnxruntime(export_dir, recipe):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.slow
 def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
     report = run_parity(export_dir(recipe), steps=16)
     assert report.passed, report.table()
@@ -106,6 +100,7 @@ def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
 
 
 @pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16"])
+@pytest.mark.slow
 def test_quantization_is_applied(export_dir, recipe):
     folder, baseline = export_dir(recipe), export_dir("fp32")
     manifest, reference = read_manifest(folder), read_manifest(baseline)
@@ -126,6 +121,7 @@ def test_quantization_is_applied(export_dir, recipe):
     assert decoder_ops[expected] >= 7 * 2, decoder_ops  # q, k, v, o, gate, up, down per layer
 
 
+@pytest.mark.slow
 def test_static_int8_vision_encoder_is_calibrated_and_close_to_fp32(export_dir, tmp_path):
     from sfedge.quantize.onnx_calibration import calibration_pixels
     from sfedge.runtime.video import load_video, make_demo_video, preprocess
@@ -153,6 +149,7 @@ def test_static_int8_vision_encoder_is_calibrated_and_close_to_fp32(export_dir, 
         onnx_quant.quantize_model(export_dir("fp32") / "vision_encoder.onnx", onnx_quant.INT8_STATIC, tmp_path)
 
 
+@pytest.mark.slow
 def test_int4_embedding_is_block_quantized(export_dir):
     manifest = read_manifest(export_dir("int4"))
     entry = manifest.component("token_embedding")
@@ -160,6 +157,7 @@ def test_int4_embedding_is_block_quantized(export_dir):
     assert _ops(export_dir("int4") / entry.file)["GatherBlockQuantized"] == 1
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_one_chunk_and_rewind(export_dir):
     folder = export_dir("fp32")
     session = open_session(folder, SessionOptions(threads=1))
@@ -187,6 +185,7 @@ def test_prompt_longer_than_one_chunk_and_rewind(export_dir):
         session.decode(step, MAX_CONTEXT)
 
 
+@pytest.mark.slow
 def test_session_options_and_projector_frames(export_dir):
     folder = export_dir("fp32")
     with pytest.raises(SfedgeError, match="not available"):
@@ -208,6 +207,7 @@ def test_session_options_and_projector_frames(export_dir):
     assert session.encode(torch.zeros(3, 3, config.vision.frame_size, config.vision.frame_size)).shape[0] == 3
 
 
+@pytest.mark.slow
 def test_external_data_is_rewritten_not_appended(export_dir, tmp_path):
     source = export_dir("fp32") / "decoder_model_merged.onnx"
     target = tmp_path / "decoder_model_merged.onnx"
@@ -234,6 +234,7 @@ def test_unknown_scheme_is_refused():
         onnx_quant.file_suffix(ComponentScheme("int3"))
 
 
+@pytest.mark.slow
 def test_parity_fails_for_an_artifact_that_is_not_its_model(export_dir, tmp_path):
     """A silent break must not pass: the fp32 files checked against another seed's eager model."""
     import json
@@ -259,6 +260,7 @@ def test_parity_fails_for_an_artifact_that_is_not_its_model(export_dir, tmp_path
     assert main(["parity", str(folder), "--steps", "4"]) == 1
 
 
+@pytest.mark.slow
 def test_run_picks_an_exported_frame_count_or_says_which_exist(export_dir, tmp_path, capsys):
     from sfedge.cli import main
     from sfedge.runtime.video import make_demo_video

@@ -26,15 +26,12 @@ MAX_CONTEXT, CHUNK, TOL = 128, 32, 1e-4
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx_kv")
-    out = {}
-    for layout in LAYOUTS:
-        options = ExportOptions(backend="onnx", recipe="fp32", max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                                show_progress=False, kv_layout=layout)
-        export_model(get_preset("tiny"), WeightsSource(seed=0), options, root / layout)
-        out[layout] = root / layout
-    return out
+def folders(export_once):
+    """layout -> its tiny fp32 export (shared for the session, read only). gqa-inplace is the default layout:
+    the same export as test_onnx.py's fp32 (which also carries a 4-frame projector)."""
+    common = dict(max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
+    return {"gqa-inplace": export_once("onnx", extra_frames=(4,), **common),
+            "past-present": export_once("onnx", kv_layout="past-present", **common)}
 
 
 def _decoder_graph(folder: Path):
@@ -53,7 +50,8 @@ def test_reference_op_matches_sdpa_over_a_growing_buffer():
     assert not key[:, :, 5:].any() and out.shape == q.shape
 
 
-def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(folders):
+@pytest.mark.slow
+def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(folders, tmp_path):
     layers = get_preset("tiny").llm.layers
     for layout, folder in folders.items():
         entry = read_manifest(folder).component("text_decoder")
@@ -69,10 +67,11 @@ def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(fo
         export_model(get_preset("tiny"), WeightsSource(seed=0),
                      ExportOptions(backend="onnx", kv_layout="ring", max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
                                    show_progress=False),
-                     folders["gqa-inplace"].parent / "never")
+                     tmp_path / "never")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_chunks_decode_and_rewind_match_eager(folders, layout):
     session = open_session(folders[layout], SessionOptions(threads=1))
     eager = open_session(folders[layout], backend="eager")
@@ -100,6 +99,7 @@ def test_chunks_decode_and_rewind_match_eager(folders, layout):
         session.decode(token, 60)
 
 
+@pytest.mark.slow
 def test_inplace_buffers_are_the_bound_outputs(folders):
     session = open_session(folders["gqa-inplace"], SessionOptions(threads=1))
     cache = session._cache
@@ -115,6 +115,7 @@ def test_inplace_buffers_are_the_bound_outputs(folders):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_save_reset_load_continues_like_no_save(folders, layout):
     folder = folders[layout]
     session = open_session(folder, SessionOptions(threads=1))

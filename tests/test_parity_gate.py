@@ -120,16 +120,10 @@ def test_recipe_tolerances_name_their_bounds():
 # --- a real tiny ONNX int4 export ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def onnx_int4(tmp_path_factory):
+def onnx_int4(export_once):
+    """The tiny ONNX int4 export (the same as test_onnx.py's int4: shared for the session, read only)."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
-    from sfedge.config import get_preset
-    from sfedge.export.api import ExportOptions, export_model
-    from sfedge.models import WeightsSource
-
-    folder = tmp_path_factory.mktemp("parity") / "tiny_onnx_int4"
-    export_model(get_preset("tiny"), WeightsSource(seed=0),
-                 ExportOptions(backend="onnx", recipe="int4", max_context=128, prefill_chunk=32, show_progress=False), folder)
-    return folder
+    return export_once("onnx", "int4", max_context=128, prefill_chunk=32)
 
 
 @pytest.mark.slow

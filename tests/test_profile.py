@@ -1,21 +1,14 @@
 """`sfedge profile`: per-operator tables from ETDump (ExecuTorch) and ONNX Runtime's profiler."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from sfedge.benchmarks.op_profile import INSIDE, OUTSIDE, feeds_for, op_kind, rows_from_events
-from sfedge.config import get_preset
 from sfedge.errors import SfedgeError
 from sfedge.manifest import ArtifactEntry, TensorSpec
-
-TINY = get_preset("tiny")
-CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1), llm=dataclasses.replace(TINY.llm, layers=1))
-MAX_CONTEXT = 96
-
 
 def test_op_kind_merges_numbered_delegate_ops_and_portable_calls():
     assert op_kind("Fully Connected (NC, QDU8, F32, QC8W) GEMM #12") == "Fully Connected (NC, QDU8, F32, QC8W) GEMM"
@@ -52,28 +45,21 @@ def test_unknown_symbolic_dim_is_a_one_line_error():
         feeds_for(entry, 1, 0, 1)
 
 
-def _export(tmp_path: Path, backend: str) -> Path:
-    from sfedge.export.api import ExportOptions, export_model
-    from sfedge.models import WeightsSource
-
-    options = ExportOptions(backend=backend, recipe="fp32", max_context=MAX_CONTEXT, prefill_chunk=16,
-                            encoder_batch=2, show_progress=False)
-    folder = tmp_path / f"tiny_{backend}"
-    export_model(CONFIG, WeightsSource(seed=0), options, folder)
-    return folder
-
-
 def _check(folder: Path, capsys, tmp_path: Path) -> list:
     from sfedge.cli import main
+    from sfedge.manifest import read_manifest
 
+    manifest = read_manifest(folder)
+    options, frames = manifest.export_options, manifest.model_config["slowfast"]["frames"]
     out = tmp_path / "profile.json"
     assert main(["profile", str(folder), "--positions", "10,500", "--top", "5", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     profiles = json.loads(out.read_text())
     labels = [(p["component"], p["case"]) for p in profiles]
-    assert labels == [("vision_encoder", "batch 2"), ("projector", f"{CONFIG.slowfast.frames} frames"),
-                      ("text_decoder", "prefill 16 @0"), ("text_decoder", "decode @10"),
-                      ("text_decoder", f"decode @{MAX_CONTEXT - 1}")]  # 500 clipped to the export's context
+    assert labels == [("vision_encoder", f"batch {options['encoder_batch']}"), ("projector", f"{frames} frames"),
+                      ("text_decoder", f"prefill {options['prefill_chunk']} @0"), ("text_decoder", "decode @10"),
+                      ("text_decoder", f"decode @{options['max_context'] - 1}")]  # 500 clipped to the export's context
+    assert options["max_context"] < 500
     for p in profiles:
         assert p["total_ms"] > 0 and p["ops"], p["case"]
         assert sum(op["total_ms"] for op in p["ops"]) <= p["total_ms"] * 1.05 + 0.5, p  # ops fit in the call
@@ -82,9 +68,9 @@ def _check(folder: Path, capsys, tmp_path: Path) -> list:
 
 
 @pytest.mark.slow
-def test_profile_executorch_folder(tmp_path: Path, capsys):
-    pytest.importorskip("executorch")
-    profiles = _check(_export(tmp_path, "executorch"), capsys, tmp_path)
+def test_profile_executorch_folder(executorch_export, tmp_path: Path, capsys):
+    """The fp32 folder test_executorch.py checks (shared): one LLM layer, one vision block, encoder batch 2."""
+    profiles = _check(executorch_export("fp32"), capsys, tmp_path)
     vision = profiles[0]
     assert set(vision["by_where"]) == {INSIDE}, vision["by_where"]  # the whole encoder in the XNNPACK delegate
     decoder_ops = {op["op"] for p in profiles[2:] for op in p["ops"]}
@@ -92,8 +78,7 @@ def test_profile_executorch_folder(tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
-def test_profile_onnx_folder(tmp_path: Path, capsys):
-    pytest.importorskip("onnxruntime")
-    profiles = _check(_export(tmp_path, "onnx"), capsys, tmp_path)
+def test_profile_onnx_folder(tiny_onnx, tmp_path: Path, capsys):
+    profiles = _check(tiny_onnx, capsys, tmp_path)
     assert all(set(p["by_where"]) == {"CPUExecutionProvider"} for p in profiles)
     assert any(op["op"] in ("MatMul", "Gemm", "FusedMatMul") for op in profiles[2]["ops"])
