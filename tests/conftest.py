@@ -17,7 +17,7 @@ from sfedge.runtime.video import make_demo_video
 # partition, and every ExecuTorch recipe must export in a few minutes), with LLM widths of 128 so that
 # the group-128 recipe applies (every linear's input width must be a multiple of its group).
 _TINY = get_preset("tiny")
-EXECUTORCH_CONFIG = _TINY.replace(vision=dataclasses.replace(_TINY.vision, depth=1),
+TINY_CUT_CONFIG = _TINY.replace(vision=dataclasses.replace(_TINY.vision, depth=1),
                                   llm=dataclasses.replace(_TINY.llm, layers=1, hidden=128, head_dim=32, intermediate=256))
 # ... exported with these options: a static encoder batch of 2 (a padded last batch), prefill chunks of 32,
 # and (fp32) an extra 4-frame projector. test_executorch.py and test_profile.py share that fp32 folder.
@@ -80,11 +80,11 @@ def tiny_onnx(export_once):
 
 @pytest.fixture(scope="session")
 def executorch_export(export_once):
-    """recipe -> the ExecuTorch export of EXECUTORCH_CONFIG with EXECUTORCH_OPTIONS (shared, read only)."""
+    """recipe -> the ExecuTorch export of TINY_CUT_CONFIG with EXECUTORCH_OPTIONS (shared, read only)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
     def get(recipe: str) -> Path:
-        return export_once("executorch", recipe, config=EXECUTORCH_CONFIG, **EXECUTORCH_OPTIONS,
+        return export_once("executorch", recipe, config=TINY_CUT_CONFIG, **EXECUTORCH_OPTIONS,
                            extra_frames=EXECUTORCH_EXTRA_FRAMES if recipe == "fp32" else ())
 
     return get

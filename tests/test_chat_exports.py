@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_CUT_CONFIG
 from sfedge.errors import SfedgeError
 from sfedge.runtime.pipeline import Pipeline
 from sfedge.runtime.sampling import SamplingConfig
@@ -23,10 +24,11 @@ BACKENDS = {"onnx": "onnx", "executorch": "executorch.runtime"}
 
 @pytest.fixture(scope="module")
 def folders(export_once):
-    """backend -> its tiny fp32 export (made once per session, read only)."""
+    """backend -> its fp32 export of the tiny preset cut to one LLM layer and one vision block (half the
+    lowering time of the full tiny; a chat needs no more): made once per session, read only."""
     def get(backend: str) -> Path:
         pytest.importorskip(BACKENDS[backend], reason=f"the {backend} extra is not installed")
-        return export_once(backend, max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
+        return export_once(backend, config=TINY_CUT_CONFIG, max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
 
     return get
 
@@ -40,7 +42,8 @@ def test_executorch_embed_leaves_the_kv_cache_alone(folders):
     from sfedge.runtime.sessions import open_session
 
     session = open_session(folders("executorch"))
-    prefix, question = torch.randn(40, 64), torch.randn(8, 64)
+    hidden = TINY_CUT_CONFIG.llm.hidden
+    prefix, question = torch.randn(40, hidden), torch.randn(8, hidden)
     session.reset()
     prefill(session, prefix)
     clean = prefill(session, question, 40)

@@ -19,7 +19,7 @@ from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 import sfedge.export.executorch as et_export  # noqa: E402  (registers the exporter and the recipes)
-from conftest import EXECUTORCH_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS  # noqa: E402
+from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS  # noqa: E402
 
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
@@ -29,7 +29,7 @@ ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not ex
 
 # The tiny preset cut to one LLM layer and one vision block, exported with a static encoder batch of 2,
 # prefill chunks of 32 and (fp32) an extra 4-frame projector: tests/conftest.py (shared with test_profile.py).
-CONFIG = EXECUTORCH_CONFIG
+CONFIG = TINY_CUT_CONFIG
 MAX_CONTEXT, CHUNK, BATCH = (EXECUTORCH_OPTIONS["max_context"], EXECUTORCH_OPTIONS["prefill_chunk"],
                               EXECUTORCH_OPTIONS["encoder_batch"])
 HIDDEN = CONFIG.llm.hidden
