@@ -145,7 +145,10 @@ def _export_all(config, exports, root: Path) -> List[Checked]:
     jobs = [(config.name, backend, recipe, str(root / f"{config.name}_{backend}_{recipe}")) for backend, recipe in exports]
     _step(f"export {config.name} -> {', '.join(f'{b} ({r})' for b, r in exports)}, then parity of each against eager "
           f"PyTorch ({workers} worker process{'es' if workers > 1 else ''} side by side)")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from sfedge.cli import _quiet_libraries  # the workers hide the export stack's chatter as the CLI does
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_quiet_libraries) as pool:
         futures = [pool.submit(_export_and_check, *job, threads) for job in jobs]
         return [future.result() for future in futures]
 
