@@ -1,8 +1,7 @@
-"""What the toolkit is for, on the tiny preset (random weights, offline, about a minute on 2 cores):
-answer a question about a video the tool writes itself with the eager model, export it to ExecuTorch
-and ONNX and check each export's parity against eager PyTorch (one worker process per export, side by
-side: lowering is single-threaded), benchmark both against eager (one fresh process per case, one
-case at a time) and print the per-stage table and where the plot went.
+"""What the toolkit is for, on the tiny preset (random weights, offline, about a minute or two on 2
+cores): answer a question about a video the tool writes itself with the eager model, export it to
+ExecuTorch and ONNX, check each export's parity against eager PyTorch, benchmark both against eager
+(one fresh process per case) and print the per-stage table and where the plot went.
 The weights are random, so the text is gibberish; the pipeline, the parity and the timings are real.
 
     sfedge demo                         (exports into a temp folder, removed at the end)
@@ -12,15 +11,10 @@ The weights are random, so the text is gibberish; the pipeline, the parity and t
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 DEFAULT_EXPORTS = "executorch:fp32,onnx:fp32"
 
@@ -106,65 +100,31 @@ def run(args: argparse.Namespace) -> int:
         return code
 
 
-@dataclass(frozen=True)
-class Checked:
-    """One export made and checked by ``_export_and_check`` (in its own process)."""
-
-    folder: str
-    export_seconds: float
-    parity_table: str
-    passed: bool
-
-
-def _export_and_check(preset: str, backend: str, recipe: str, folder: str, threads: int) -> Checked:
-    """Export ``preset`` to ``backend`` and check its parity against eager PyTorch. Runs in a worker
-    process: lowering is single-threaded Python, so the exports of a demo run side by side on 2 cores."""
-    import torch
-
-    from sfedge.config import get_preset
-    from sfedge.export.api import ExportOptions, export_model
-    from sfedge.models import WeightsSource
-    from sfedge.runtime.parity import run_parity
-    from sfedge.runtime.sessions import SessionOptions
-
-    torch.set_num_threads(threads)
-    began = time.perf_counter()
-    export_model(get_preset(preset), WeightsSource(seed=0), ExportOptions(backend=backend, recipe=recipe, max_context=256,
-                                                                          prefill_chunk=64, overwrite=True,
-                                                                          show_progress=False), Path(folder))
-    seconds = time.perf_counter() - began
-    report = run_parity(folder, SessionOptions(threads=threads), steps=8)
-    return Checked(folder, seconds, report.table(), report.passed)
-
-
-def _export_all(config, exports, root: Path) -> List[Checked]:
-    """Every export and its parity, one worker process each (at most one per core), in ``exports`` order."""
-    cores = os.cpu_count() or 1
-    workers = max(1, min(len(exports), cores))
-    threads = max(1, cores // workers)
-    jobs = [(config.name, backend, recipe, str(root / f"{config.name}_{backend}_{recipe}")) for backend, recipe in exports]
-    _step(f"export {config.name} -> {', '.join(f'{b} ({r})' for b, r in exports)}, then parity of each against eager "
-          f"PyTorch ({workers} worker process{'es' if workers > 1 else ''} side by side)")
-    from sfedge.cli import _quiet_libraries  # the workers hide the export stack's chatter as the CLI does
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_quiet_libraries) as pool:
-        futures = [pool.submit(_export_and_check, *job, threads) for job in jobs]
-        return [future.result() for future in futures]
-
-
 def _export_check_bench(args, config, exports, root: Path, video: Path) -> int:
     from sfedge.benchmarks.cases import Source, Sweep
     from sfedge.benchmarks.plots import budget_models, write_plots
     from sfedge.benchmarks.printers import render
     from sfedge.benchmarks.runner import run_sweep
+    from sfedge.export.api import ExportOptions, export_model
+    from sfedge.models import WeightsSource
+    from sfedge.runtime.parity import run_parity
+    from sfedge.runtime.sessions import SessionOptions
 
-    checked = _export_all(config, exports, root)
-    for result in checked:
-        print(f"\n{result.folder} written in {result.export_seconds:.0f} s", file=sys.stderr)
-        print(result.parity_table, file=sys.stderr)
-    failed = [Path(result.folder).name for result in checked if not result.passed]
-    folders = [Path(result.folder) for result in checked]
+    folders = []
+    for backend, recipe in exports:
+        folder = root / f"{config.name}_{backend}_{recipe}"
+        began = _step(f"export {config.name} -> {backend} ({recipe})")
+        export_model(config, WeightsSource(seed=0), ExportOptions(backend=backend, recipe=recipe, max_context=256,
+                                                                  prefill_chunk=64, overwrite=True, show_progress=False), folder)
+        print(f"{folder} written in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        folders.append(folder)
+    failed = []
+    for folder in folders:
+        _step(f"parity of {folder.name} against eager PyTorch")
+        report = run_parity(folder, SessionOptions(), steps=8)
+        print(report.table(), file=sys.stderr)
+        if not report.passed:
+            failed.append(folder.name)
     _step(f"benchmark {', '.join(f.name for f in folders)} and eager ({args.repetitions} repetitions, one process per case)")
     sources = [Source(folder=str(f)) for f in folders] + [Source(preset=config.name)]
     sweep = Sweep(sources=sources, video=str(video), gen_tokens=[16], threads=[1], repetitions=args.repetitions, warmup=1)
