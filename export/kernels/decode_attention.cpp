@@ -1,0 +1,160 @@
+// sfedge::decode_attention.out: one decode token's attention over the used prefix of a static KV cache.
+//
+// q [1, 1, H, D] float32; k_cache / v_cache [1, S, Hkv, D] float32 or bfloat16 (the layout of
+// llama.update_cache); start_pos p: the token's own k/v are already at position p, so positions
+// 0..p are attended (a causal decode step) and nothing past p is read. out [1, 1, H, D] float32.
+//
+// Why: executorch 1.5.1's llama.custom_sdpa either runs one M = 1 GEMV per query head (causal, each kv
+// head re-read H / Hkv times) or, with a mask, reads the whole max_seq_len cache (docs/executorch.md).
+// This kernel reads each cached k and v row once for all H / Hkv query heads that share it, only up to
+// p, converting bfloat16 rows on the fly (half the bytes of a float32 cache).
+//
+// Work split: (kv head, block of BLOCK positions) items over ExecuTorch's thread pool; each item keeps
+// an online-softmax partial (max, sum, accumulator per query row), merged per kv head at the end
+// (flash-decoding). Plain loops written for the compiler's vectoriser (-O3 -ffast-math, AVX2 or AVX-512).
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace sfedge {
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+
+constexpr int64_t BLOCK = 256;     // positions per work item
+constexpr int64_t MAX_REPS = 16;   // query heads per kv head
+constexpr int64_t MAX_DIM = 256;   // head_dim
+
+inline void load_row(const float* src, float* dst, int64_t dim) { std::memcpy(dst, src, dim * sizeof(float)); }
+
+inline void load_row(const uint16_t* src, float* dst, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    uint32_t bits = static_cast<uint32_t>(src[d]) << 16;
+    std::memcpy(&dst[d], &bits, sizeof(float));
+  }
+}
+
+struct Partial {  // one (kv head, block): per query row the block max, exp-sum and weighted v sum
+  float max[MAX_REPS];
+  float sum[MAX_REPS];
+  float acc[MAX_REPS][MAX_DIM];
+};
+
+template <typename T>
+void attend_block(const float* q /*[reps, dim], scaled*/, const T* k, const T* v, int64_t row_stride, int64_t first,
+                  int64_t count, int64_t reps, int64_t dim, Partial& out) {
+  alignas(64) float scores[MAX_REPS][BLOCK];
+  alignas(64) float row[MAX_DIM];
+  for (int64_t j = 0; j < count; ++j) {
+    load_row(k + (first + j) * row_stride, row, dim);
+    for (int64_t r = 0; r < reps; ++r) {
+      const float* qr = q + r * dim;
+      float dot = 0.f;
+      for (int64_t d = 0; d < dim; ++d) dot += qr[d] * row[d];
+      scores[r][j] = dot;
+    }
+  }
+  for (int64_t r = 0; r < reps; ++r) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < count; ++j) m = std::max(m, scores[r][j]);
+    float s = 0.f;
+    for (int64_t j = 0; j < count; ++j) {
+      scores[r][j] = std::exp(scores[r][j] - m);
+      s += scores[r][j];
+    }
+    out.max[r] = m;
+    out.sum[r] = s;
+    std::fill(out.acc[r], out.acc[r] + dim, 0.f);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    load_row(v + (first + j) * row_stride, row, dim);
+    for (int64_t r = 0; r < reps; ++r) {
+      const float p = scores[r][j];
+      float* acc = out.acc[r];
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p * row[d];
+    }
+  }
+}
+
+template <typename T>
+void decode_attention(const float* q, const T* k, const T* v, float* out, int64_t heads, int64_t kv_heads,
+                      int64_t dim, int64_t positions) {
+  const int64_t reps = heads / kv_heads;
+  const int64_t blocks = (positions + BLOCK - 1) / BLOCK;
+  const int64_t row_stride = kv_heads * dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  std::vector<float> scaled(heads * dim);
+  for (int64_t i = 0; i < heads * dim; ++i) scaled[i] = q[i] * scale;
+  std::vector<Partial> partials(kv_heads * blocks);
+  executorch::extension::parallel_for(0, kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / blocks, b = item % blocks;
+      const int64_t first = b * BLOCK;
+      attend_block<T>(scaled.data() + h * reps * dim, k + h * dim, v + h * dim, row_stride, first,
+                      std::min(BLOCK, positions - first), reps, dim, partials[item]);
+    }
+  });
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    for (int64_t r = 0; r < reps; ++r) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t b = 0; b < blocks; ++b) m = std::max(m, partials[h * blocks + b].max[r]);
+      float total = 0.f;
+      float* o = out + (h * reps + r) * dim;
+      std::fill(o, o + dim, 0.f);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const Partial& part = partials[h * blocks + b];
+        const float w = std::exp(part.max[r] - m);
+        total += w * part.sum[r];
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * part.acc[r][d];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+    }
+  }
+}
+
+Tensor& decode_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                             int64_t start_pos, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1, InvalidArgument, out,
+                      "q must be [1, 1, heads, head_dim]");
+  ET_KERNEL_CHECK_MSG(ctx, k_cache.dim() == 4 && k_cache.size(0) == 1, InvalidArgument, out,
+                      "k_cache must be [1, max_seq_len, kv_heads, head_dim]");
+  const int64_t heads = q.size(2), dim = q.size(3), kv_heads = k_cache.size(2), capacity = k_cache.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, k_cache.size(3) == dim && v_cache.dim() == 4 && v_cache.size(1) == capacity &&
+                      v_cache.size(2) == kv_heads && v_cache.size(3) == dim, InvalidArgument, out,
+                      "k_cache and v_cache must have the same [1, S, kv_heads, head_dim] shape as q's head_dim");
+  ET_KERNEL_CHECK_MSG(ctx, kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_REPS && dim <= MAX_DIM,
+                      InvalidArgument, out, "unsupported head shape");
+  ET_KERNEL_CHECK_MSG(ctx, start_pos >= 0 && start_pos < capacity, InvalidArgument, out, "start_pos out of the cache");
+  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float &&
+                      k_cache.scalar_type() == v_cache.scalar_type(), InvalidArgument, out,
+                      "q and out must be float32, k_cache and v_cache of one dtype");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
+                  InvalidArgument, out);
+  const int64_t positions = start_pos + 1;
+  if (k_cache.scalar_type() == ScalarType::Float) {
+    decode_attention<float>(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+                            out.mutable_data_ptr<float>(), heads, kv_heads, dim, positions);
+  } else if (k_cache.scalar_type() == ScalarType::BFloat16) {
+    decode_attention<uint16_t>(q.const_data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
+                               static_cast<const uint16_t*>(v_cache.const_data_ptr()), out.mutable_data_ptr<float>(),
+                               heads, kv_heads, dim, positions);
+  } else {
+    ET_KERNEL_CHECK_MSG(ctx, false, InvalidArgument, out, "k_cache must be float32 or bfloat16");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace sfedge
+
+EXECUTORCH_LIBRARY(sfedge, "decode_attention.out", sfedge::decode_attention_out);
