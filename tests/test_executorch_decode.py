@@ -164,3 +164,16 @@ def test_prefix_decode_method_matches_eager(prefix_folder):
         got, want = session.decode(embeds[start:start + size], start), eager.decode(embeds[start:start + size], start)
         assert (got - want).abs().max().item() <= 1e-4, (start, size)
     assert len(used) == 7  # every single-token step took the kernel's method
+
+
+@pytest.mark.slow
+def test_decode_context_command(prefix_folder, capsys):
+    from sfedge.benchmarks import decode_context
+
+    assert decode_context.main([str(prefix_folder), "--positions", "0,40", "--steps", "2", "--rounds", "1",
+                                "--prefill", "8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | 40 | session (text_decoder_flat) | 1 |" in out and "| text_decoder prefill | 8 |" in out, out
+    assert decode_context.main([str(prefix_folder), "--positions", "318"]) == 2  # 12 steps past 318 overflow 320
+    assert "do not fit the KV cache" in capsys.readouterr().err
+    assert decode_context.main([str(prefix_folder / "nope.pte")]) == 2

@@ -11,10 +11,15 @@
 //
 // Work split: (kv head, block of BLOCK positions) items over ExecuTorch's thread pool; each item keeps
 // an online-softmax partial (max, sum, accumulator per query row), merged per kv head at the end
-// (flash-decoding). Plain loops written for the compiler's vectoriser (-O3 -ffast-math, AVX2 or AVX-512).
+// (flash-decoding). AVX-512 intrinsics where the CPU has them (each k row loaded once for all query rows,
+// v accumulated in registers), else plain loops for the compiler's vectoriser (-O3 -ffast-math).
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -48,6 +53,59 @@ struct Partial {  // one (kv head, block): per query row the block max, exp-sum 
   float sum[MAX_REPS];
   float acc[MAX_REPS][MAX_DIM];
 };
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
+inline __m512 load16(const uint16_t* src) {  // 16 bfloat16 -> float32: widen and shift into the high half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+}
+
+// REPS query rows against `count` cached rows, dim a multiple of 16: k rows are loaded once into registers
+// for all REPS dot products; v rows are accumulated 64 columns at a time (4 x REPS accumulators in registers).
+template <typename T, int REPS>
+void attend_block_avx512(const float* q, const T* k, const T* v, int64_t row_stride, int64_t first, int64_t count,
+                         int64_t dim, Partial& out) {
+  alignas(64) float scores[REPS][BLOCK];
+  for (int64_t j = 0; j < count; ++j) {
+    const T* row = k + (first + j) * row_stride;
+    __m512 acc[REPS];
+    for (int r = 0; r < REPS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 16) {
+      const __m512 kv = load16(row + c);
+      for (int r = 0; r < REPS; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * dim + c), kv, acc[r]);
+    }
+    for (int r = 0; r < REPS; ++r) scores[r][j] = _mm512_reduce_add_ps(acc[r]);
+  }
+  for (int r = 0; r < REPS; ++r) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < count; ++j) m = std::max(m, scores[r][j]);
+    float s = 0.f;
+    for (int64_t j = 0; j < count; ++j) {
+      scores[r][j] = std::exp(scores[r][j] - m);
+      s += scores[r][j];
+    }
+    out.max[r] = m;
+    out.sum[r] = s;
+  }
+  for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+    const int64_t width = std::min<int64_t>(64, dim - c0) / 16;  // 1..4 vectors
+    __m512 acc[REPS][4];
+    for (int r = 0; r < REPS; ++r)
+      for (int w = 0; w < 4; ++w) acc[r][w] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; ++j) {
+      const T* row = v + (first + j) * row_stride + c0;
+      __m512 vv[4];
+      for (int w = 0; w < 4; ++w) vv[w] = w < width ? load16(row + 16 * w) : _mm512_setzero_ps();
+      for (int r = 0; r < REPS; ++r) {
+        const __m512 p = _mm512_set1_ps(scores[r][j]);
+        for (int w = 0; w < 4; ++w) acc[r][w] = _mm512_fmadd_ps(p, vv[w], acc[r][w]);
+      }
+    }
+    for (int r = 0; r < REPS; ++r)
+      for (int w = 0; w < width; ++w) _mm512_storeu_ps(out.acc[r] + c0 + 16 * w, acc[r][w]);
+  }
+}
+#endif
 
 template <typename T>
 void attend_block(const float* q /*[reps, dim], scaled*/, const T* k, const T* v, int64_t row_stride, int64_t first,
@@ -85,6 +143,26 @@ void attend_block(const float* q /*[reps, dim], scaled*/, const T* k, const T* v
   }
 }
 
+// The AVX-512 path for the common query-heads-per-kv-head counts (dim a multiple of 16), else the plain loops.
+template <typename T>
+void attend(const float* q, const T* k, const T* v, int64_t row_stride, int64_t first, int64_t count, int64_t reps,
+            int64_t dim, Partial& out) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0) {
+    switch (reps) {
+      case 1: return attend_block_avx512<T, 1>(q, k, v, row_stride, first, count, dim, out);
+      case 2: return attend_block_avx512<T, 2>(q, k, v, row_stride, first, count, dim, out);
+      case 4: return attend_block_avx512<T, 4>(q, k, v, row_stride, first, count, dim, out);
+      case 6: return attend_block_avx512<T, 6>(q, k, v, row_stride, first, count, dim, out);
+      case 7: return attend_block_avx512<T, 7>(q, k, v, row_stride, first, count, dim, out);
+      case 8: return attend_block_avx512<T, 8>(q, k, v, row_stride, first, count, dim, out);
+      default: break;
+    }
+  }
+#endif
+  attend_block<T>(q, k, v, row_stride, first, count, reps, dim, out);
+}
+
 template <typename T>
 void decode_attention(const float* q, const T* k, const T* v, float* out, int64_t heads, int64_t kv_heads,
                       int64_t dim, int64_t positions) {
@@ -95,12 +173,13 @@ void decode_attention(const float* q, const T* k, const T* v, float* out, int64_
   std::vector<float> scaled(heads * dim);
   for (int64_t i = 0; i < heads * dim; ++i) scaled[i] = q[i] * scale;
   std::vector<Partial> partials(kv_heads * blocks);
+  // Items ordered block-major: the pool's contiguous ranges of items are contiguous ranges of cache memory.
   executorch::extension::parallel_for(0, kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t h = item / blocks, b = item % blocks;
+      const int64_t b = item / kv_heads, h = item % kv_heads;
       const int64_t first = b * BLOCK;
-      attend_block<T>(scaled.data() + h * reps * dim, k + h * dim, v + h * dim, row_stride, first,
-                      std::min(BLOCK, positions - first), reps, dim, partials[item]);
+      attend<T>(scaled.data() + h * reps * dim, k + h * dim, v + h * dim, row_stride, first,
+                std::min(BLOCK, positions - first), reps, dim, partials[h * blocks + b]);
     }
   });
   for (int64_t h = 0; h < kv_heads; ++h) {
