@@ -8,7 +8,8 @@ are timed with ``Method.__call__`` on ExecuTorch's thread pool (``--threads``), 
 set to 1 as the session does (``serial_blas``). A decode step costs the same whatever the cache holds, so
 no prompt is prefilled first. With a folder, the row ``session`` is what ``ExecuTorchSession.decode`` runs
 (the flat method from the manifest's ``decode_method_from_position`` on). Rounds alternate the methods
-in one window (a shared machine: compare within a round). ``--prefill 128`` also times one prefill chunk
+in one window (a shared machine: compare within a round; the CPU-time column, all threads of the
+process, is less sensitive to other load than wall time). ``--prefill 128`` also times one prefill chunk
 of that many tokens ending at each position.
 """
 from __future__ import annotations
@@ -49,17 +50,25 @@ def _open(path: Path):
     return _runtime().load_program(str(path)), flat_from
 
 
-def _time_steps(method, hidden: int, tokens: int, start: int, steps: int) -> list:
+def _time_steps(method, hidden: int, tokens: int, start: int, steps: int) -> tuple:
+    """(wall seconds per step, process CPU seconds per step: all threads, pool spin-waits included)."""
     import torch
 
-    times = []
+    times, cpu = [], []
     for step in range(steps + 1):  # the first call is a warm-up
         embeds = torch.randn(1, tokens, hidden)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         method([embeds, torch.tensor([start + step * (tokens == 1)])])
         if step:
             times.append(time.perf_counter() - begin)
-    return times
+            cpu.append(time.process_time() - begin_cpu)
+    return times, cpu
+
+
+def _row(round_index: int, position: int, method: str, tokens: int, measured: tuple) -> dict:
+    times, cpu = measured
+    return {"round": round_index, "position": position, "method": method, "tokens": tokens,
+            "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "cpu_ms": statistics.median(cpu) * 1e3}
 
 
 def measure(path: Path, positions: Sequence[int], steps: int = 12, rounds: int = 2, threads: Optional[int] = 2,
@@ -87,16 +96,13 @@ def measure(path: Path, positions: Sequence[int], steps: int = 12, rounds: int =
         for round_index in range(rounds):
             for position in positions:
                 for name, method in methods.items():
-                    times = _time_steps(method, hidden, 1, position, steps)
-                    rows.append({"round": round_index, "position": position, "method": name, "tokens": 1,
-                                 "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3})
+                    rows.append(_row(round_index, position, name, 1, _time_steps(method, hidden, 1, position, steps)))
                 if flat_from is not None:
                     name = "text_decoder_flat" if position >= flat_from and "text_decoder_flat" in methods else "text_decoder"
                     rows.append({**rows[-len(methods) + list(methods).index(name)], "method": f"session ({name})"})
                 if prefill:
-                    times = _time_steps(methods["text_decoder"], hidden, prefill, max(0, position - prefill), 2)
-                    rows.append({"round": round_index, "position": position, "method": "text_decoder prefill",
-                                 "tokens": prefill, "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3})
+                    measured = _time_steps(methods["text_decoder"], hidden, prefill, max(0, position - prefill), 2)
+                    rows.append(_row(round_index, position, "text_decoder prefill", prefill, measured))
     finally:
         torch.set_num_threads(torch_threads)
     return rows
@@ -126,12 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print("| round | position | method | tokens | median ms | min ms | tok/s (median) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| round | position | method | tokens | median ms | min ms | CPU ms (median) | tok/s (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         rate = row["tokens"] / row["median_ms"] * 1e3
         print(f"| {row['round']} | {row['position']:,} | {row['method']} | {row['tokens']} | {row['median_ms']:.1f} | "
-              f"{row['min_ms']:.1f} | {rate:.1f} |")
+              f"{row['min_ms']:.1f} | {row['cpu_ms']:.1f} | {rate:.1f} |")
     return 0
 
 
