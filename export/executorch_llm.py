@@ -82,13 +82,23 @@ def kv_torch_dtype(name: str) -> torch.dtype:
     return KV_DTYPES[name]
 
 
+PREFIX_KV_DTYPES = (torch.float32, torch.bfloat16)  # what sfedge's decode kernel reads
+
+
+def _check_mode(mode: str, kv_dtype: torch.dtype) -> None:
+    if mode not in ATTENTION_MODES:
+        raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
+    if mode == "prefix" and kv_dtype not in PREFIX_KV_DTYPES:
+        raise UsageError(f"attention 'prefix' (sfedge's decode kernel) reads float32 or bfloat16 KV caches, not "
+                         f"{str(kv_dtype).replace('torch.', '')}: use kv_dtype float32 or bfloat16")
+
+
 class CustomOpAttention(nn.Module):
     """Drop-in for ``CachedAttention``: same forward signature, ExecuTorch custom ops inside."""
 
     def __init__(self, cache: KVCache, mode: str = "causal"):
         super().__init__()
-        if mode not in ATTENTION_MODES:
-            raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
+        _check_mode(mode, cache.k_cache.dtype)
         self.cache = cache
         self.mode = mode
         self.max_seq_len = cache.k_cache.shape[1]
@@ -126,10 +136,9 @@ class CustomOpAttention(nn.Module):
 
 def set_attention_mode(decoder: TextDecoder, mode: str) -> None:
     """Switch every swapped attention of ``decoder`` to ``mode`` (the caches stay)."""
-    if mode not in ATTENTION_MODES:
-        raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
     for layer in decoder.layers:
         if isinstance(layer.self_attn.attend, CustomOpAttention):
+            _check_mode(mode, layer.self_attn.attend.cache.k_cache.dtype)
             layer.self_attn.attend.mode = mode
 
 

@@ -64,11 +64,15 @@ def test_prefix_mode_matches_eager(kv_dtype):
     assert worst <= TOLERANCE[kv_dtype], f"{kv_dtype}: max abs diff {worst:.3g}"
 
 
-def test_prefix_mode_refuses_more_than_one_token():
+def test_prefix_mode_refuses_more_than_one_token_and_float16():
     decoder = build_model(CONFIG, WeightsSource(seed=0), 96).text_decoder
     use_custom_ops(decoder, "prefix")
     with pytest.raises(UsageError, match="one token at a time"):
         decoder(torch.zeros(1, 2, HIDDEN), torch.tensor([0]))
+    half = build_model(CONFIG, WeightsSource(seed=0), 96).text_decoder
+    use_custom_ops(half, "causal", "float16")
+    with pytest.raises(UsageError, match="float32 or bfloat16 KV caches, not float16"):
+        set_attention_mode(half, "prefix")
 
 
 def test_prefix_recipes():
