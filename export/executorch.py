@@ -32,7 +32,7 @@ from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, q
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
-from sfedge.export.executorch_llm import METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
+from sfedge.export.executorch_llm import FLAT_METHODS, METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
@@ -179,24 +179,26 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     example = min(2, chunk)
     kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
     with progress.stage(Component.TEXT_DECODER.value, "trace"):
-        use_custom_ops(model.text_decoder, "causal" if attention == "switch" else attention, kv_dtype)
+        flat_method = FLAT_METHODS.get(attention)  # two methods: causal text_decoder + a T = 1 flat decode method
+        use_custom_ops(model.text_decoder, "causal" if flat_method else attention, kv_dtype)
         programs = {
             METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
                                            ({1: tokens},)),
             METHOD_TEXT_DECODER: _trace(model.text_decoder, (torch.zeros(1, example, llm.hidden),
                                                              torch.zeros(1, dtype=torch.long)), ({1: tokens}, None)),
         }
-        if attention == "switch":  # + a T = 1 decode method over the same cache, gqa-masked
-            set_attention_mode(model.text_decoder, "gqa-masked")
+        if flat_method:  # + a T = 1 decode method over the same cache (gqa-masked, or sfedge's prefix kernel)
+            set_attention_mode(model.text_decoder, flat_method.mode)
             programs[METHOD_DECODE_FLAT] = _trace(model.text_decoder, (torch.zeros(1, 1, llm.hidden),
                                                                        torch.zeros(1, dtype=torch.long)))
     constants = constant_methods(model, options.max_context)
     with progress.stage("llm", "lower"):
-        data = lower_programs(programs, constants, share_mutable_buffers=attention == "switch")
+        data = lower_programs(programs, constants, share_mutable_buffers=flat_method is not None)
     _write(folder, file, data, "llm", progress)
     shared = dict(max_seq_len=options.max_context, prefill_chunk=chunk, constant_methods=constants)
-    flat = (dict(decode_method=METHOD_DECODE_FLAT, decode_method_from_position=flat_from_position(options.max_context))
-            if attention == "switch" else {})
+    flat = (dict(decode_method=METHOD_DECODE_FLAT, decode_method_from_position=flat_from_position(options.max_context, attention),
+                 **({"sfedge_kernels": True} if flat_method.kernels else {}))
+            if flat_method else {})
     embedding = artifact_entry(
         folder, Component.TOKEN_EMBEDDING.value, file, [TensorSpec("token_ids", [1, TOKENS], "int64")],
         [TensorSpec("embeds", [1, TOKENS, llm.hidden], "float32")], embed_q, METHOD_TOKEN_EMBEDDING,

@@ -17,33 +17,55 @@ Two attention modes (``ATTENTION_MODES``), chosen per recipe:
   ``is_causal``, and then attends over every cached position). Decode costs the same at any context
   (set by ``--max-context``): 3-4x faster than ``causal`` near the end of the cache, slower early on.
 
-A recipe asks for ``causal``, ``gqa-masked`` or ``switch``: ``switch`` exports both, sharing one KV
-cache (``share_mutable_buffers``): ``text_decoder`` (causal, T in 1..chunk) for prefill and early
-decode, and ``text_decoder_flat`` (gqa-masked, T = 1) that the runtime uses for decode from position
-``FLAT_FROM_FRACTION * max_seq_len`` on, where the full-cache pass gets cheaper than the causal one
-(sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per cached position, gqa-masked ~0.3 us per
-cache slot).
+* ``prefix`` (T = 1 only): ``torch.ops.sfedge.decode_attention``, sfedge's own kernel
+  (export/executorch_kernels.py, export/kernels/decode_attention.cpp): reads positions ``0 .. start_pos``
+  only, each cached row once for all the query heads that share it, float32 or bfloat16 cache. Decode
+  cost grows with the context, not with ``--max-context``, at a few times gqa-masked's rate.
+
+A recipe asks for ``causal``, ``gqa-masked`` or a two-method form (``FLAT_METHODS``) that exports
+``text_decoder`` (causal, T in 1..chunk) for prefill and a T = 1 ``text_decoder_flat`` over the same KV
+cache (``share_mutable_buffers``) that the runtime uses for decode from a position on:
+
+* ``switch``: the flat method is gqa-masked, used from ``FLAT_FROM_FRACTION * max_seq_len`` on, where the
+  full-cache pass gets cheaper than the causal one (sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per
+  cached position, gqa-masked ~0.3 us per cache slot).
+* ``prefix``: the flat method runs sfedge's decode kernel, used for every decode step (from position 0:
+  it is the cheaper one at any context).
 
 The KV cache dtype (``KV_DTYPES``) is float32, float16 or bfloat16 (custom_sdpa and update_cache
 take all three; q is cast to the cache dtype, the output back to float32).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from sfedge.errors import UsageError
+from sfedge.export.executorch_kernels import define_ops
 from sfedge.models.llm import CachedAttention, KVCache, TextDecoder
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTION_MODES = ("causal", "gqa-masked")
-EXPORT_ATTENTION = (*ATTENTION_MODES, "switch")  # what a recipe may ask for
+ATTENTION_MODES = ("causal", "gqa-masked", "prefix")
 METHOD_DECODE_FLAT = "text_decoder_flat"
 FLAT_FROM_FRACTION = 0.3
 
 
-def flat_from_position(max_seq_len: int) -> int:
-    return int(max_seq_len * FLAT_FROM_FRACTION)
+@dataclasses.dataclass(frozen=True)
+class FlatMethod:
+    """A two-method export: the T = 1 method's attention mode and the fraction of the cache it is used from."""
+    mode: str
+    from_fraction: float
+    kernels: bool = False  # needs sfedge's kernel library (export/executorch_kernels.py)
+
+
+FLAT_METHODS = {"switch": FlatMethod("gqa-masked", FLAT_FROM_FRACTION), "prefix": FlatMethod("prefix", 0.0, kernels=True)}
+EXPORT_ATTENTION = ("causal", "gqa-masked", *FLAT_METHODS)  # what a recipe may ask for
+
+
+def flat_from_position(max_seq_len: int, attention: str = "switch") -> int:
+    return int(max_seq_len * FLAT_METHODS[attention].from_fraction)
 
 
 def load_custom_ops() -> None:
@@ -60,13 +82,23 @@ def kv_torch_dtype(name: str) -> torch.dtype:
     return KV_DTYPES[name]
 
 
+PREFIX_KV_DTYPES = (torch.float32, torch.bfloat16)  # what sfedge's decode kernel reads
+
+
+def _check_mode(mode: str, kv_dtype: torch.dtype) -> None:
+    if mode not in ATTENTION_MODES:
+        raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
+    if mode == "prefix" and kv_dtype not in PREFIX_KV_DTYPES:
+        raise UsageError(f"attention 'prefix' (sfedge's decode kernel) reads float32 or bfloat16 KV caches, not "
+                         f"{str(kv_dtype).replace('torch.', '')}: use kv_dtype float32 or bfloat16")
+
+
 class CustomOpAttention(nn.Module):
     """Drop-in for ``CachedAttention``: same forward signature, ExecuTorch custom ops inside."""
 
     def __init__(self, cache: KVCache, mode: str = "causal"):
         super().__init__()
-        if mode not in ATTENTION_MODES:
-            raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
+        _check_mode(mode, cache.k_cache.dtype)
         self.cache = cache
         self.mode = mode
         self.max_seq_len = cache.k_cache.shape[1]
@@ -81,6 +113,10 @@ class CustomOpAttention(nn.Module):
         torch.ops.llama.update_cache(v.to(dtype), self.cache.v_cache, start)
         if self.mode == "causal":
             out = torch.ops.llama.custom_sdpa(q.to(dtype), self.cache.k_cache, self.cache.v_cache, start, None, 0.0, True)
+        elif self.mode == "prefix":
+            if seq_len != 1:
+                raise UsageError(f"attention mode 'prefix' decodes one token at a time, got {seq_len}: prefill with 'causal'")
+            out = torch.ops.sfedge.decode_attention(q.float(), self.cache.k_cache, self.cache.v_cache, start)
         else:
             out = self._gqa_masked(q.to(dtype), start, seq_len)
         return out.to(q.dtype).reshape(q.shape[0], seq_len, -1)
@@ -100,16 +136,16 @@ class CustomOpAttention(nn.Module):
 
 def set_attention_mode(decoder: TextDecoder, mode: str) -> None:
     """Switch every swapped attention of ``decoder`` to ``mode`` (the caches stay)."""
-    if mode not in ATTENTION_MODES:
-        raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
     for layer in decoder.layers:
         if isinstance(layer.self_attn.attend, CustomOpAttention):
+            _check_mode(mode, layer.self_attn.attend.cache.k_cache.dtype)
             layer.self_attn.attend.mode = mode
 
 
 def use_custom_ops(decoder: TextDecoder, mode: str = "causal", kv_dtype: str = "float32") -> int:
     """Swap every CachedAttention of ``decoder`` in place (cache re-allocated in ``kv_dtype``); returns how many."""
     load_custom_ops()
+    define_ops()  # torch.ops.sfedge.decode_attention (the "prefix" mode): PyTorch side only, nothing compiled
     dtype = kv_torch_dtype(kv_dtype)
     swapped = 0
     for layer in decoder.layers:

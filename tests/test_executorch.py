@@ -23,7 +23,7 @@ from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTION
 
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
-                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic"}
+                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic", "8da4w-prefix", "8da4w-prefix-bf16", "fp32-prefix"}
 ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not exported twice
 
 

@@ -104,6 +104,10 @@ def _load_kernels(manifest: Manifest) -> None:
     _load_library("custom_ops")  # llama.update_cache, llama.custom_sdpa
     if any(entry.extra.get("quantized_kernels") for entry in manifest.components):
         _load_library("quantized")  # quantized_decomposed.embedding_*bit
+    if any(entry.extra.get("sfedge_kernels") for entry in manifest.components):
+        from sfedge.export.executorch_kernels import load_kernels  # sfedge::decode_attention (built once, cached)
+
+        load_kernels()
 
 
 @contextlib.contextmanager
@@ -152,8 +156,8 @@ class ExecuTorchSession(ModelSession):
         self.frames = self.frame_counts[0]
         self.max_context = int(decoder.extra["max_seq_len"])
         self.max_prefill_chunk = int(decoder.extra["prefill_chunk"])
-        # Recipes with attention "switch": a T = 1 method (gqa-masked) over the same KV cache, used from
-        # a position on where it is the faster of the two (see export/executorch_llm.py).
+        # Recipes with attention "switch" / "prefix": a T = 1 method (gqa-masked / sfedge's decode kernel) over
+        # the same KV cache, used from a position on where it is the faster of the two (export/executorch_llm.py).
         self._flat_method = decoder.extra.get("decode_method")
         self._flat_from = int(decoder.extra.get("decode_method_from_position", self.max_context))
         self._check_constants(decoder)

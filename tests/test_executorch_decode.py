@@ -1,0 +1,183 @@
+"""sfedge's decode-attention kernel (attention "prefix", recipes 8da4w-prefix / 8da4w-prefix-bf16 / fp32-prefix).
+
+* eager: the "prefix" attention mode (PyTorch reference of the op) against the eager CachedAttention decoder;
+* the C++ kernel inside a .pte (slow: compiles the library, lowers with ExecuTorch) against the reference, over
+  head shapes, both cache dtypes and positions crossing its 256-position blocks, with stale cache entries;
+* an exported tiny fp32-prefix folder through the session (prefill causal, every decode step through the
+  kernel's method on the same KV cache) against eager, including a rewind to an earlier position.
+
+Tolerances (max abs difference, logits ~N(0, 1)): float32 1e-4, bfloat16 cache 1.5e-1 (as tests/test_executorch_llm.py).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
+
+from sfedge.config import get_preset  # noqa: E402
+from sfedge.errors import UsageError  # noqa: E402
+from sfedge.export import executorch_kernels  # noqa: E402
+from sfedge.export.api import ExportOptions, export_model  # noqa: E402
+from sfedge.export.executorch_kernels import define_ops, load_kernels, reference_decode_attention  # noqa: E402
+from sfedge.export.executorch_llm import flat_from_position, use_custom_ops, set_attention_mode  # noqa: E402
+from sfedge.manifest import Component, read_manifest  # noqa: E402
+from sfedge.models import WeightsSource, build_model  # noqa: E402
+from sfedge.quantize.executorch import decoder_options  # noqa: E402
+from sfedge.quantize.recipes import get_recipe  # noqa: E402
+from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
+from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
+import sfedge.export.executorch  # noqa: E402,F401  (registers the exporter and the recipes)
+
+TINY = get_preset("tiny")
+CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1),
+                      llm=dataclasses.replace(TINY.llm, layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
+                                              intermediate=256))
+HIDDEN = CONFIG.llm.hidden
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-1}
+
+
+def _steps(decoder, embeds, plan):
+    """Run (start, size) calls on a decoder module; logits of each."""
+    with torch.no_grad():
+        return [decoder(embeds[None, start:start + size], torch.tensor([start])) for start, size in plan]
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_prefix_mode_matches_eager(kv_dtype):
+    """Prefill causal, decode one token at a time in "prefix" mode (the op's PyTorch reference), on one cache."""
+    eager = build_model(CONFIG, WeightsSource(seed=0), 96).text_decoder
+    swapped = copy.deepcopy(eager)
+    use_custom_ops(swapped, "causal", kv_dtype)
+    embeds = torch.randn(80, HIDDEN, generator=torch.Generator().manual_seed(1))
+    plan = [(0, 32), (32, 31), (63, 1), (64, 1), (65, 1)]
+    reference = _steps(eager, embeds, plan)
+    outputs = _steps(swapped, embeds, plan[:2])
+    set_attention_mode(swapped, "prefix")
+    outputs += _steps(swapped, embeds, plan[2:])
+    worst = max((a - b).abs().max().item() for a, b in zip(outputs, reference))
+    assert worst <= TOLERANCE[kv_dtype], f"{kv_dtype}: max abs diff {worst:.3g}"
+
+
+def test_prefix_mode_refuses_more_than_one_token_and_float16():
+    decoder = build_model(CONFIG, WeightsSource(seed=0), 96).text_decoder
+    use_custom_ops(decoder, "prefix")
+    with pytest.raises(UsageError, match="one token at a time"):
+        decoder(torch.zeros(1, 2, HIDDEN), torch.tensor([0]))
+    half = build_model(CONFIG, WeightsSource(seed=0), 96).text_decoder
+    use_custom_ops(half, "causal", "float16")
+    with pytest.raises(UsageError, match="float32 or bfloat16 KV caches, not float16"):
+        set_attention_mode(half, "prefix")
+
+
+def test_prefix_recipes():
+    assert decoder_options(get_recipe("executorch", "8da4w-prefix").scheme(Component.TEXT_DECODER)) == ("float32", "prefix")
+    assert decoder_options(get_recipe("executorch", "8da4w-prefix-bf16").scheme(Component.TEXT_DECODER)) == ("bfloat16", "prefix")
+    assert decoder_options(get_recipe("executorch", "fp32-prefix").scheme(Component.TEXT_DECODER)) == ("float32", "prefix")
+    assert flat_from_position(6400, "prefix") == 0 and flat_from_position(6400, "switch") == 1920
+
+
+def test_build_without_a_compiler_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("SFEDGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(executorch_kernels.shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match="needs a C\\+\\+ compiler"):
+        executorch_kernels.build_library()
+
+
+class _KernelOnly(nn.Module):
+    def __init__(self, k_cache, v_cache):
+        super().__init__()
+        self.register_buffer("k_cache", k_cache)
+        self.register_buffer("v_cache", v_cache)
+
+    def forward(self, q, pos):
+        start = pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start < self.k_cache.shape[1])
+        return torch.ops.sfedge.decode_attention(q, self.k_cache, self.v_cache, start)
+
+
+def _pte_method(module: nn.Module, example: tuple):
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.extension.pybindings import _C
+
+    program = torch.export.export(module, example, strict=False)
+    edge = to_edge_transform_and_lower(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    data = edge.to_executorch(ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))).buffer
+    return _C._load_for_executorch_from_buffer(data), data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 32), (12, 2, 128), (3, 3, 64)])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(heads, kv_heads, dim, kv_dtype):
+    """The compiled kernel in a .pte against the PyTorch reference; positions past start_pos hold huge stale
+    values that must not leak in."""
+    define_ops()
+    load_kernels()
+    capacity = 600
+    generator = torch.Generator().manual_seed(heads * dim)
+    k_cache = torch.randn(1, capacity, kv_heads, dim, generator=generator).to(kv_dtype)
+    v_cache = torch.randn(1, capacity, kv_heads, dim, generator=generator).to(kv_dtype)
+    q = torch.randn(1, 1, heads, dim, generator=generator) * 3
+    method, _data = _pte_method(_KernelOnly(k_cache.clone(), v_cache.clone()), (q, torch.tensor([5])))
+    for position in (0, 1, 255, 256, 257, 511, 512, 599):
+        stale_k, stale_v = k_cache.clone(), v_cache.clone()
+        stale_k[0, position + 1:] = 1e4
+        stale_v[0, position + 1:] = -1e4
+        want = reference_decode_attention(q, k_cache, v_cache, position)
+        got = method.forward([q, torch.tensor([position])])[0].reshape(want.shape)
+        assert (got - want).abs().max().item() <= 2e-5, position
+        assert torch.allclose(want, reference_decode_attention(q, stale_k, stale_v, position))
+
+
+@pytest.fixture(scope="module")
+def prefix_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("et_prefix") / "tiny_fp32_prefix"
+    options = ExportOptions(backend="executorch", recipe="fp32-prefix", max_context=320, prefill_chunk=32,
+                            encoder_batch=2, show_progress=False)
+    export_model(CONFIG, WeightsSource(seed=0), options, folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_prefix_decode_method_matches_eager(prefix_folder):
+    """fp32-prefix: prefill through text_decoder (causal), every decode step through text_decoder_flat (sfedge's
+    kernel) on the same KV cache, across the kernel's 256-position blocks; then a rewind (a new, shorter prompt
+    over the old conversation's entries): logits within 1e-4 of eager fp32 at every step."""
+    decoder = read_manifest(prefix_folder).component(Component.TEXT_DECODER)
+    assert decoder.extra["decode_method"] == "text_decoder_flat" and decoder.extra["decode_method_from_position"] == 0
+    assert decoder.extra["sfedge_kernels"] is True and decoder.extra["attention_mode"] == "prefix"
+    session = open_session(prefix_folder)
+    eager = EagerSession.open(prefix_folder, read_manifest(prefix_folder), SessionOptions())
+    used = []
+    flat = session._flat_decoder
+    session._flat_decoder = lambda: used.append(1) or flat()
+    embeds = torch.randn(320, HIDDEN, generator=torch.Generator().manual_seed(3))
+    plan = [(0, 32), (32, 1), (33, 32), (65, 32), (97, 32), (129, 32), (161, 32), (193, 32), (225, 30), (255, 1),
+            (256, 1), (257, 1), (258, 32), (290, 1)]
+    plan += [(0, 20), (20, 1), (21, 1)]  # rewind: positions 22.. still hold the first conversation
+    for start, size in plan:
+        got, want = session.decode(embeds[start:start + size], start), eager.decode(embeds[start:start + size], start)
+        assert (got - want).abs().max().item() <= 1e-4, (start, size)
+    assert len(used) == 7  # every single-token step took the kernel's method
+
+
+@pytest.mark.slow
+def test_decode_context_command(prefix_folder, capsys):
+    from sfedge.benchmarks import decode_context
+
+    assert decode_context.main([str(prefix_folder), "--positions", "0,40", "--steps", "2", "--rounds", "1",
+                                "--prefill", "8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | 40 | session (text_decoder_flat) | 1 |" in out and "| text_decoder prefill | 8 |" in out, out
+    assert decode_context.main([str(prefix_folder), "--positions", "318"]) == 2  # 12 steps past 318 overflow 320
+    assert "do not fit the KV cache" in capsys.readouterr().err
+    assert decode_context.main([str(prefix_folder / "nope.pte")]) == 2
