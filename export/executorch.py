@@ -30,8 +30,8 @@ from sfedge.manifest import (
 from sfedge.models import SFLlava
 from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
-from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
+from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.export.executorch_llm import METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
@@ -215,9 +215,13 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
                       progress: Progress) -> List[ArtifactEntry]:
     if options.prefill_chunk > options.max_context - 1:
         raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
-    return [export_vision_encoder(model, options, recipe, folder, progress),
-            *export_projectors(model, options, recipe, folder, progress),
-            *export_llm(model, options, recipe, folder, progress)]
+    entries = []
+    for part, export in (("vision_encoder", export_vision_encoder), ("projector", export_projectors), ("llm", export_llm)):
+        with model_part(model, part, progress):  # one part's weights alive at a time
+            produced = export(model, options, recipe, folder, progress)
+        entries += produced if isinstance(produced, list) else [produced]
+    return entries
 
 
 EXPORTERS.add("executorch", export_executorch)
+PART_BY_PART.add("executorch")

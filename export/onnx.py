@@ -14,6 +14,7 @@ go to ``<file>_data`` when a file would pass 2 GB.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import shutil
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from torch import nn
 
 from sfedge.errors import SfedgeError
 from sfedge.export import onnx_decoder
-from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
+from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize import onnx as onnx_quant
@@ -147,19 +148,34 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
     traced: List[Traceable] = []
     try:
         with torch.no_grad():
-            for item in (_vision(model, options), *_projectors(model, options), _embedding(model)):
-                with progress.stage(item.file_stem(), "trace"):
-                    _trace(item, work / f"{item.file_stem()}.onnx")
-                traced.append(item)
-            with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
-                item = _decoder(model, wrapper, layout)
-                with progress.stage(item.component.value, "trace"):
-                    _trace(item, work / f"{item.file_stem()}.onnx")
-                traced.append(item)
-        model.to("meta")
+            with model_part(model, "vision_encoder", progress):  # one part's weights alive at a time
+                traced.append(_trace_one(_vision(model, options), work, progress))
+            with model_part(model, "projector", progress):
+                traced += [_trace_one(item, work, progress) for item in _projectors(model, options)]
+            with model_part(model, "llm", progress):
+                traced.append(_trace_one(_embedding(model), work, progress))
+                with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
+                    traced.append(_trace_one(_decoder(model, wrapper, layout), work, progress))
+        release_model(model)
+        gc.collect()
         return [_finish(item, recipe, out, work, progress, calibration) for item in traced]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _trace_one(item: Traceable, work: Path, progress: Progress) -> Traceable:
+    with progress.stage(item.file_stem() if item.component is not Component.TEXT_DECODER else item.component.value, "trace"):
+        _trace(item, work / f"{item.file_stem()}.onnx")
+    item.module = None  # the traced graph is on disk: hold no reference to the torch weights
+    return item
+
+
+def release_model(model: SFLlava) -> None:
+    """Drop every part's torch weights (the graphs are on disk): quantizing a large decoder holds no PyTorch copy."""
+    from sfedge.models import PARTS, release_part
+
+    for part in PARTS:
+        release_part(model, part)
 
 
 def _calibration(model: SFLlava, options: ExportOptions, recipe: Recipe) -> Dict[Component, CalibrationSet]:
@@ -203,3 +219,4 @@ if TYPE_CHECKING:
     from sfedge.quantize.onnx_calibration import CalibrationSet
 
 EXPORTERS.add("onnx", export_onnx)
+PART_BY_PART.add("onnx")

@@ -49,15 +49,57 @@ def resolve_config(config: ModelConfig, weights: WeightsSource) -> ModelConfig:
 def build_model(config: ModelConfig, weights: WeightsSource = WeightsSource(), max_seq_len: int | None = None,
                 dtype: torch.dtype = torch.float32) -> SFLlava:
     """Build on the meta device, then fill each component from its checkpoint or seeded random tensors."""
-    config = resolve_config(config, weights)
-    max_seq_len = max_seq_len or config.llm.max_context
-    with torch.device("meta"):
-        model = SFLlava(config, max_seq_len)
-    _fill(model.vision_encoder, "vision_encoder", weights.vision_path, map_vision_keys, weights.seed, dtype)
-    _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
-    _fill_llm(model, weights, dtype)
-    _materialize_buffers(model, config, max_seq_len)
+    model = empty_model(config, weights, max_seq_len)
+    for part in PARTS:
+        fill_part(model, weights, part, dtype)
     return model.eval()
+
+
+# What can be filled (and freed) on its own: the LLM is one part (Qwen2.5 ties the lm_head to the token embedding).
+PARTS = ("vision_encoder", "projector", "llm")
+PART_MODULES = {"vision_encoder": ("vision_encoder",), "projector": ("projector",), "llm": ("token_embedding", "text_decoder")}
+
+
+def empty_model(config: ModelConfig, weights: WeightsSource = WeightsSource(), max_seq_len: int | None = None) -> SFLlava:
+    """The model on the meta device (no memory): fill its parts with ``fill_part`` one at a time."""
+    config = resolve_config(config, weights)
+    with torch.device("meta"):
+        return SFLlava(config, max_seq_len or config.llm.max_context).eval()
+
+
+def part_is_empty(model: SFLlava, part: str) -> bool:
+    return any(p.is_meta for name in PART_MODULES[part] for p in getattr(model, name).parameters())
+
+
+def fill_part(model: SFLlava, weights: WeightsSource, part: str, dtype: torch.dtype = torch.float32) -> None:
+    """Give one part (see PARTS) its weights and computed buffers: the same tensors ``build_model`` gives it."""
+    config = model.config
+    if part == "vision_encoder":
+        _fill(model.vision_encoder, "vision_encoder", weights.vision_path, map_vision_keys, weights.seed, dtype)
+        vision = model.vision_encoder
+        vision.frame_pos_embed = torch.zeros(vision.frame_pos_embed.shape, dtype=vision.pos_embed.dtype)
+        vision.bake_position_embedding()
+    elif part == "projector":
+        _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
+    elif part == "llm":
+        _fill_llm(model, weights, dtype)
+        _materialize_llm_buffers(model.text_decoder, config)
+    else:
+        raise ValueError(f"unknown model part {part!r}; known: {', '.join(PARTS)}")
+
+
+def release_part(model: SFLlava, part: str) -> None:
+    """Drop one part's weights and buffers (replaced by meta tensors of the same shape and dtype, quantized
+    tensor subclasses included): their memory is freed once nothing else holds them."""
+    for name in PART_MODULES[part]:
+        for module in getattr(model, name).modules():
+            for key, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[key] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                           requires_grad=False)
+            for key, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[key] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
 
 
 def _generator(seed: int, component: str) -> torch.Generator:
@@ -95,22 +137,18 @@ def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype) -> Non
         decoder.load_state_dict(state, assign=True)
 
 
-def _materialize_buffers(model: SFLlava, config: ModelConfig, max_seq_len: int) -> None:
-    """Non-persistent buffers (RoPE tables, KV caches, baked position grid) are computed, not loaded."""
+def _materialize_llm_buffers(decoder: TextDecoder, config: ModelConfig) -> None:
+    """Non-persistent buffers (RoPE tables, KV caches) are computed, not loaded."""
     from sfedge.models.llm import KVCache, rope_tables
 
-    decoder = model.text_decoder
-    cos, sin = rope_tables(config.llm.head_dim, max_seq_len, config.llm.rope_theta)
+    cos, sin = rope_tables(config.llm.head_dim, decoder.max_seq_len, config.llm.rope_theta)
     decoder.rope_cos, decoder.rope_sin = cos, sin
     for module in decoder.modules():
         if isinstance(module, KVCache):
             shape, dtype = module.k_cache.shape, module.k_cache.dtype
             module.k_cache = torch.zeros(shape, dtype=dtype)
             module.v_cache = torch.zeros(shape, dtype=dtype)
-    vision = model.vision_encoder
-    vision.frame_pos_embed = torch.zeros(vision.frame_pos_embed.shape, dtype=vision.pos_embed.dtype)
-    vision.bake_position_embedding()
 
 
-__all__ = ["SFLlava", "WeightsSource", "build_model", "resolve_config", "VisionEncoder", "SlowFastProjector",
+__all__ = ["SFLlava", "WeightsSource", "build_model", "empty_model", "fill_part", "release_part", "part_is_empty", "PARTS", "resolve_config", "VisionEncoder", "SlowFastProjector",
            "TokenEmbedding", "TextDecoder"]
