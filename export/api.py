@@ -116,11 +116,11 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
     if options.memory_check:  # before the output folder exists: a refused export leaves nothing behind
         estimate = estimate_export_peak(empty_model(config, weights, max_context), options.backend)
         available = check_memory(estimate)
-        if options.show_progress:
-            print(f"[export] memory: estimated peak {estimate.describe()}; {available.describe()}", file=sys.stderr, flush=True)
     with Progress(enabled=options.show_progress) as progress, atomic_output_dir(out_dir, options.overwrite) as tmp:
-        if options.backend in PART_BY_PART:
-            model = empty_model(config, weights, max_context)
+        if options.memory_check and options.show_progress:
+            print(f"[export] memory: estimated peak {estimate.describe()}; {available.describe()}", file=sys.stderr, flush=True)
+        if options.backend in PART_BY_PART:  # the exporter fills (and frees) one part at a time
+            model = build_model(config, weights, max_context, fill=False)
             build_parts_lazily(model, weights)
         else:
             with progress.stage("model", "build"):

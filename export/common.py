@@ -284,18 +284,19 @@ def build_parts_lazily(model, weights) -> None:
 
 
 @contextlib.contextmanager
-def model_part(model, part: str, progress: "Progress") -> Iterator[None]:
-    """Within the block ``model``'s part (sfedge.models.PARTS) holds its weights. A part this call filled is
+def model_part(model, part: str, progress: "Progress", on_layer=None) -> Iterator[bool]:
+    """Within the block ``model``'s part (sfedge.models.PARTS) holds its weights; yields whether this call
+    filled it (then ``on_layer`` ran on each decoder layer as it was filled). A part this call filled is
     released on exit (moved to the meta device and collected); a model built whole is left untouched."""
     from sfedge.models import fill_part, part_is_empty, release_part
 
     weights = _PART_SOURCES.get(model)
     filled = weights is not None and part_is_empty(model, part)
     if filled:
-        with progress.stage(part, "build"):
-            fill_part(model, weights, part)
+        with progress.stage(part, "build" if on_layer is None else "build + quantize by layer"):
+            fill_part(model, weights, part, on_layer=on_layer)
     try:
-        yield
+        yield filled
     finally:
         if filled:
             release_part(model, part)

@@ -131,6 +131,27 @@ def _trace(item: Traceable, path: Path) -> None:
         dynamic_shapes=item.dynamic_shapes, custom_translation_table=item.translations or None, optimize=True,
         verbose=False)
     program.save(str(path), external_data=True)
+    del program
+    release_rewriter_graphs()
+
+
+def release_rewriter_graphs() -> int:
+    """onnxscript 0.7.2's rewrite rules are module-level objects whose pattern matchers keep the last graph
+    they matched (``_graph``, ``_current_node``, ``_match``): after an export, the whole ONNX model with its
+    initializers, which wrap the component's torch weights; nothing frees them until the next export.
+    Drop those references (a matcher sets them afresh on its next match); returns how many matchers."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to release
+        return 0
+    cleared = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for name in ("_graph", "_current_node", "_match", "_tracer"):
+                if name in vars(obj):
+                    setattr(obj, name, None)
+            cleared += 1
+    return cleared
 
 
 def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:

@@ -93,6 +93,24 @@ def test_parts_filled_one_at_a_time_equal_the_whole_build():
     assert model.text_decoder.layers[0].self_attn.attend.cache.k_cache.is_meta
 
 
+def test_layer_by_layer_fill_draws_the_whole_decoder_stream():
+    """The decoder filled one layer at a time (a callback after each) holds the tensors one random_state
+    pass over the whole decoder gives: the order of the random stream is unchanged."""
+    from sfedge.models import _generator, random_state
+
+    config = get_preset("tiny")
+    model = empty_model(config, WeightsSource(seed=5), 64)
+    seen = []
+    fill_part(model, WeightsSource(seed=5), "llm", on_layer=lambda layer: seen.append(layer))
+    assert seen == list(model.text_decoder.layers)
+    reference = empty_model(config, WeightsSource(seed=5), 64).text_decoder
+    want = random_state(reference, _generator(5, "text_decoder"), torch.float32)
+    got = dict(model.text_decoder.named_parameters(remove_duplicate=False))
+    for name, tensor in want.items():
+        if name != "lm_head.weight":  # tied to the token embedding
+            assert torch.equal(got[name], tensor), name
+
+
 def test_manifest_without_stage_records_still_reads():
     manifest = Manifest("onnx", "fp32", "tiny", {}, {}, {}, {}, {}, [])
     data = json.loads(manifest.to_json())
