@@ -147,3 +147,30 @@ def test_override_flag_exports_past_a_low_limit(capsys, monkeypatch, tmp_path):
                  "--quiet", OVERRIDE_FLAG, "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert read_manifest(out).export_options["memory_check"] is False
+
+
+def test_frugal_fp16_overflow_check_answers_as_coremltools_and_restores_it():
+    pytest.importorskip("coremltools")
+    from sfedge.export import coreml_convert
+    from sfedge.export.coreml_convert import _fits_fp16, frugal_fp16_overflow_check
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    def coremltools_test(value):  # the expression of coremltools 9.0's fp16_overflow, for one const
+        magnitude = np.abs(np.expand_dims(value, 0))
+        return not np.max(magnitude[np.where(magnitude < 1e38)], initial=0.0) > 65504
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((64, 48)).astype(np.float32), np.array(3.0e5, np.float32),
+             np.array([1.0, np.inf, -np.inf, np.nan], np.float32), np.array([65504.0, -65504.0], np.float32),
+             np.array([1e39, 7e4], np.float32), np.zeros((0,), np.float32)]
+    big = rng.standard_normal(70_000).astype(np.float32)
+    big[-1] = -7e4  # in the last slice
+    cases.append(big)
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(coreml_convert, "OVERFLOW_CHUNK", 1024)
+        for value in cases:
+            assert _fits_fp16(value) == coremltools_test(value), value
+        with frugal_fp16_overflow_check():
+            assert FP16ComputePrecision.__dict__["fp16_overflow"] is not original
+    assert FP16ComputePrecision.__dict__["fp16_overflow"] is original
