@@ -174,3 +174,22 @@ def test_frugal_fp16_overflow_check_answers_as_coremltools_and_restores_it():
         with frugal_fp16_overflow_check():
             assert FP16ComputePrecision.__dict__["fp16_overflow"] is not original
     assert FP16ComputePrecision.__dict__["fp16_overflow"] is original
+
+
+def test_frugal_allclose_answers_as_numpy_and_restores_it():
+    from sfedge.export import coreml_convert
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(-8, 8, size=(300, 40)).astype(np.int8)
+    b = a.copy()
+    c = a.copy()
+    c[-1, -1] += 1  # differs in the last slice only
+    original = np.allclose
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(coreml_convert, "OVERFLOW_CHUNK", 1000)
+        with coreml_convert.frugal_allclose():
+            assert np.allclose is not original
+            assert np.allclose(a, b, rtol=0.0, atol=1e-12) and not np.allclose(a, c, rtol=0.0, atol=1e-12)
+            assert np.allclose(a.astype(np.float32), a.astype(np.float32) + 1e-7, rtol=0.0, atol=1e-6)
+            assert np.allclose([1.0], [1.0])  # lists and small arrays go to numpy's own
+    assert np.allclose is original
