@@ -162,7 +162,7 @@ def test_frugal_fp16_overflow_check_answers_as_coremltools_and_restores_it():
     rng = np.random.default_rng(0)
     cases = [rng.standard_normal((64, 48)).astype(np.float32), np.array(3.0e5, np.float32),
              np.array([1.0, np.inf, -np.inf, np.nan], np.float32), np.array([65504.0, -65504.0], np.float32),
-             np.array([1e39, 7e4], np.float32), np.zeros((0,), np.float32)]
+             np.array([3e38, 7e4], np.float32), np.array([3e38, 1.0], np.float32), np.zeros((0,), np.float32)]
     big = rng.standard_normal(70_000).astype(np.float32)
     big[-1] = -7e4  # in the last slice
     cases.append(big)
