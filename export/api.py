@@ -1,5 +1,6 @@
-"""export_model(): build the model, run one backend's exporter into a temp folder, write the
-tokenizer and the manifest, rename. Backends register an exporter in EXPORTERS."""
+"""export_model(): check the memory, build the model (or hand a part-by-part exporter an empty one), run one
+backend's exporter into a temp folder, write the tokenizer and the manifest (with every stage's seconds and
+peak RSS), rename. Backends register an exporter in EXPORTERS."""
 from __future__ import annotations
 
 import datetime

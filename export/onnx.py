@@ -157,8 +157,9 @@ def release_rewriter_graphs() -> int:
 def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
     """Trace all four components to fp32 graphs, then apply the recipe per component.
 
-    The exporter owns ``model``: once every graph is traced its weights are dropped (moved to the meta
-    device) so quantizing a large decoder does not hold the PyTorch copy as well.
+    The exporter owns ``model``: each part is filled just before its trace and freed after it (see
+    export.common.model_part), and once every graph is on disk all weights are dropped (meta device), so
+    quantizing a large decoder does not hold the PyTorch copy as well.
     """
     _require_onnx_stack()
     layout = onnx_decoder.check_layout(options.kv_layout)
