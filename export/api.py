@@ -1,9 +1,11 @@
-"""export_model(): build the model, run one backend's exporter into a temp folder, write the
-tokenizer and the manifest, rename. Backends register an exporter in EXPORTERS."""
+"""export_model(): check the memory, build the model (or hand a part-by-part exporter an empty one), run one
+backend's exporter into a temp folder, write the tokenizer and the manifest (with every stage's seconds and
+peak RSS), rename. Backends register an exporter in EXPORTERS."""
 from __future__ import annotations
 
 import datetime
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -13,11 +15,15 @@ from sfedge.budget import compute_budget, template_text_tokens
 from sfedge.config import ModelConfig
 from sfedge.errors import UsageError
 from sfedge.manifest import TOKENIZER_FILE, ArtifactEntry, Manifest, sha256_file
-from sfedge.models import SFLlava, WeightsSource, build_model, resolve_config
+from sfedge.models import SFLlava, WeightsSource, build_model, empty_model, resolve_config
 from sfedge.quantize.recipes import Recipe, get_recipe
 from sfedge.registry import Registry
 from sfedge.tokenizer import load_tokenizer
-from sfedge.export.common import Progress, atomic_output_dir, check_output_dir, projector_frame_counts, record_kv_dtype
+from sfedge.export.common import (
+    Progress, atomic_output_dir, build_parts_lazily, check_output_dir, projector_frame_counts, record_kv_dtype,
+)
+from sfedge.export.memory_estimate import check_memory, estimate_export_peak
+from sfedge.memory import peak_rss
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,13 @@ class ExportOptions:
     extra_frames: Tuple[int, ...] = ()  # more frame counts to export a projector for (one folder serves a frame sweep)
     kv_layout: str = "gqa-inplace"  # onnx: decoder KV layout, gqa-inplace or past-present (transformers.js)
     calibration_video: Optional[str] = None  # onnx static int8 vision encoder: calibrate on this video's frames
+    memory_check: bool = True  # refuse up front an export whose estimated peak RSS exceeds the memory available
 
 
 Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]
 EXPORTERS: Registry[Exporter] = Registry("export backend")
+# Exporters that fill the model one part at a time (export.common.model_part); the others get it built whole.
+PART_BY_PART: set = set()
 
 
 def default_max_context(config: ModelConfig, text_tokens: int, new_tokens: int = 512, multiple: int = 256) -> int:
@@ -105,10 +114,18 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
     if options.prefill_chunk < 1 or options.prefill_chunk >= max_context:
         raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
     options = ExportOptions(**{**asdict(options), "max_context": max_context})
-    progress = Progress(enabled=options.show_progress)
-    with atomic_output_dir(out_dir, options.overwrite) as tmp:
-        with progress.stage("model", "build"):
-            model = build_model(config, weights, max_context)
+    if options.memory_check:  # before the output folder exists: a refused export leaves nothing behind
+        estimate = estimate_export_peak(empty_model(config, weights, max_context), options.backend)
+        available = check_memory(estimate)
+    with Progress(enabled=options.show_progress) as progress, atomic_output_dir(out_dir, options.overwrite) as tmp:
+        if options.memory_check and options.show_progress:
+            print(f"[export] memory: estimated peak {estimate.describe()}; {available.describe()}", file=sys.stderr, flush=True)
+        if options.backend in PART_BY_PART:  # the exporter fills (and frees) one part at a time
+            model = build_model(config, weights, max_context, fill=False)
+            build_parts_lazily(model, weights)
+        else:
+            with progress.stage("model", "build"):
+                model = build_model(config, weights, max_context)
         entries = exporter(model, options, recipe, tmp, progress)
         record_kv_dtype(model, entries, tmp)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
@@ -124,7 +141,7 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
                        "special_tokens": dict(config.llm.special_tokens), "eos_ids": list(config.llm.eos_ids)},
             components=entries, sfedge_version=__version__, git_commit=_git_commit(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            library_versions=library_versions(),
+            library_versions=library_versions(), stages=progress.records, export_peak_rss_bytes=peak_rss(),
         )
         manifest.write(tmp)
     return manifest

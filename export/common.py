@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import shutil
@@ -10,11 +11,13 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, List, Sequence
 
 from sfedge.errors import SfedgeError, UsageError
-from sfedge.manifest import MANIFEST_FILE, ArtifactEntry, TensorSpec, path_bytes, sha256_file, sha256_path
+from sfedge.manifest import MANIFEST_FILE, ArtifactEntry, StageRecord, TensorSpec, path_bytes, sha256_file, sha256_path
+from sfedge.memory import GiB, RssSampler, StageMeter, gib
 
 
 PARTIAL_MARK = ".partial-"
@@ -163,24 +166,56 @@ def _remove_empty(folders: list) -> None:
 
 
 class Progress:
-    """One line per stage on stderr: ``[export] vision_encoder: lower ... 12.3 s``."""
+    """One line per stage on stderr: ``[export] vision_encoder: lower ... 12.3 s, peak 3.41 GiB``; every stage's
+    seconds and peak RSS are kept as ``StageRecord`` s for the manifest. Use as a context manager: the RSS
+    sampler thread runs inside the block."""
 
     def __init__(self, prefix: str = "export", stream=None, enabled: bool = True):
         self.prefix = prefix
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.timings: dict[str, float] = {}
+        self.records: List[StageRecord] = []
+        self._sampler = RssSampler()
+        self._meter = StageMeter(self._sampler)
+
+    def __enter__(self) -> "Progress":
+        self._sampler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sampler.__exit__(*exc)
 
     @contextlib.contextmanager
     def stage(self, component: str, stage: str) -> Iterator[None]:
         if self.enabled:
             print(f"[{self.prefix}] {component}: {stage} ...", file=self.stream, flush=True)
+        self._meter.begin()
         start = time.perf_counter()
         yield
         elapsed = time.perf_counter() - start
+        peak = self._meter.end()
         self.timings[f"{component}.{stage}"] = round(elapsed, 3)
+        self.records.append(StageRecord(component, stage, round(elapsed, 3), peak.peak_bytes))
         if self.enabled:
-            print(f"[{self.prefix}] {component}: {stage} done in {elapsed:.1f} s", file=self.stream, flush=True)
+            print(f"[{self.prefix}] {component}: {stage} done in {elapsed:.1f} s, peak {gib(peak.peak_bytes)}",
+                  file=self.stream, flush=True)
+
+
+def stage_table(records: Sequence[StageRecord], process_peak: int | None = None) -> str:
+    """The end-of-export table: stage, component, seconds, peak GiB; the stage that set the process peak is marked."""
+    rows = [("stage", "component", "seconds", "peak GiB")]
+    peaks = [r.peak_rss_bytes or 0 for r in records]
+    top = peaks.index(max(peaks)) if any(peaks) else -1  # the first stage that reached the highest peak
+    for index, record in enumerate(records):
+        mark = " *" if index == top else ""
+        peak = "-" if record.peak_rss_bytes is None else f"{record.peak_rss_bytes / GiB:.2f}{mark}"
+        rows.append((record.stage, record.component, f"{record.seconds:.1f}", peak))
+    total = sum(r.seconds for r in records)
+    rows.append(("total", "", f"{total:.1f}", "-" if process_peak is None else f"{process_peak / GiB:.2f} (process)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}".rstrip()
+                     for a, b, c, d in rows)
 
 
 def artifact_entry(folder: Path, component: str, file: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
@@ -234,3 +269,35 @@ def record_kv_dtype(model, entries: Sequence[ArtifactEntry], folder: Path) -> No
     for entry in entries:
         if entry.component == "text_decoder":
             entry.extra[KV_DTYPE] = kv_cache_dtype(model, entry, folder)
+
+
+# --- building the model one part at a time -----------------------------------------------------------
+# export_model() hands a part-by-part exporter a model on the meta device and registers where its weights
+# come from; the exporter wraps the work on each part in ``model_part``: the part is filled just before,
+# and its memory freed right after, so only one component's float32 weights are alive at a time.
+_PART_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def build_parts_lazily(model, weights) -> None:
+    """Let ``model_part`` fill ``model``'s empty parts from ``weights`` (a WeightsSource)."""
+    _PART_SOURCES[model] = weights
+
+
+@contextlib.contextmanager
+def model_part(model, part: str, progress: "Progress", on_layer=None) -> Iterator[bool]:
+    """Within the block ``model``'s part (sfedge.models.PARTS) holds its weights; yields whether this call
+    filled it (then ``on_layer`` ran on each decoder layer as it was filled). A part this call filled is
+    released on exit (moved to the meta device and collected); a model built whole is left untouched."""
+    from sfedge.models import fill_part, part_is_empty, release_part
+
+    weights = _PART_SOURCES.get(model)
+    filled = weights is not None and part_is_empty(model, part)
+    if filled:
+        with progress.stage(part, "build" if on_layer is None else "build + quantize by layer"):
+            fill_part(model, weights, part, on_layer=on_layer)
+    try:
+        yield filled
+    finally:
+        if filled:
+            release_part(model, part)
+            gc.collect()

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import List
 
-from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
+from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.export.coreml_convert import Port, convert, export_program, load_spec, save_multifunction
 from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
@@ -148,12 +148,16 @@ def _states(path: Path) -> List[dict]:
 def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
     targets = component_targets(options)
     check_target(recipe, targets)
-    return [
-        export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]),
-        *export_projectors(model, options, recipe, out, progress, targets[Component.PROJECTOR.value]),
-        *export_llm(model, options, recipe, out, progress),
-    ]
+    entries = []
+    with model_part(model, "vision_encoder", progress):  # one part's weights alive at a time
+        entries.append(export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]))
+    with model_part(model, "projector", progress):
+        entries += export_projectors(model, options, recipe, out, progress, targets[Component.PROJECTOR.value])
+    with model_part(model, "llm", progress):
+        entries += export_llm(model, options, recipe, out, progress)
+    return entries
 
 
 EXPORTERS.add("coreml", export_coreml)
+PART_BY_PART.add("coreml")
 __all__ = ["export_coreml", "component_targets", "llm_ports", "TensorSpec"]

@@ -86,7 +86,7 @@ def convert(program: torch.export.ExportedProgram, inputs: Sequence[Port], outpu
     """ExportedProgram -> MLModel (mlprogram, fp16 compute, static shapes). Mutable buffers become fp16 states."""
     ct = coremltools()
     dtypes = {"float16": np.float16, "int32": np.int32}
-    with _quiet():
+    with _quiet(), frugal_fp16_overflow_check():
         return ct.convert(
             program,
             inputs=[ct.TensorType(name=p.name, shape=p.shape, dtype=dtypes[p.dtype]) for p in inputs],
@@ -98,6 +98,66 @@ def convert(program: torch.export.ExportedProgram, inputs: Sequence[Port], outpu
         )
 
 
+OVERFLOW_CHUNK = 1 << 24  # elements per slice of the fp16 overflow check
+
+
+def _fits_fp16(value: np.ndarray) -> bool:
+    """False when a finite-ish entry (|v| < 1e38) exceeds float16's 65504: coremltools' test, one slice at a time."""
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, OVERFLOW_CHUNK):
+        magnitude = np.abs(flat[start:start + OVERFLOW_CHUNK])
+        if np.max(magnitude, where=magnitude < 1e38, initial=0.0) > 65504:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def frugal_fp16_overflow_check():
+    """coremltools 9.0's ``add_fp16_cast`` pass asks, for every float32 const, whether it overflows float16 with
+    ``np.abs(v)[np.where(np.abs(v) < 1e38)]``: np.where's int64 index arrays make that ~8x the const's bytes at
+    once (7 GiB for the 1B's 151,936 x 1,536 lm_head). Within the block the same test runs slice by slice
+    (same answer, one slice of temporaries)."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]  # the raw descriptor (a staticmethod), restored as is
+
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    if not _fits_fp16(np.asarray(var.op.val.val)):
+                        return True
+        return False
+
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
+
+
+@contextlib.contextmanager
+def frugal_allclose():
+    """``save_multifunction`` deduplicates weights across functions by comparing candidates with ``np.allclose``,
+    which works in float64 over the whole array: for the 1B's tied 151,936 x 1,536 int4 table (stored once for
+    ``embed``, ``prefill`` and ``decode``) that is several 1.9 GB temporaries at once. Within the block two
+    arrays of one shape are compared slice by slice (the same answer: allclose is elementwise)."""
+    original = np.allclose
+
+    def allclose(a, b, *args, **kwargs):
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.shape != b.shape or a.size <= OVERFLOW_CHUNK:
+            return original(a, b, *args, **kwargs)
+        flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+        return all(original(flat_a[i:i + OVERFLOW_CHUNK], flat_b[i:i + OVERFLOW_CHUNK], *args, **kwargs)
+                   for i in range(0, a.size, OVERFLOW_CHUNK))
+
+    np.allclose = allclose
+    try:
+        yield
+    finally:
+        np.allclose = original
+
+
 def save_multifunction(parts: dict, default: str, destination: Path) -> None:
     """``parts``: function name -> saved single-function .mlpackage. Identical weights are stored once."""
     ct = coremltools()
@@ -105,7 +165,7 @@ def save_multifunction(parts: dict, default: str, destination: Path) -> None:
     for function, path in parts.items():
         descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
     descriptor.default_function_name = default
-    with _quiet():
+    with _quiet(), frugal_allclose():
         ct.utils.save_multifunction(descriptor, str(destination))
 
 

@@ -30,8 +30,8 @@ from sfedge.manifest import (
 from sfedge.models import SFLlava
 from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
-from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
+from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.export.executorch_llm import FLAT_METHODS, METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
@@ -168,13 +168,15 @@ def constant_methods(model: SFLlava, max_context: int) -> dict:
 
 
 def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
-               progress: Progress) -> List[ArtifactEntry]:
+               progress: Progress, layers_quantized: bool = False) -> List[ArtifactEntry]:
+    """``layers_quantized``: the decoder layers were quantized while they were filled; only the lm_head is left."""
     llm = model.config.llm
     file, chunk = "llm.pte", options.prefill_chunk
     embed_q = _quantize(model.token_embedding, Component.TOKEN_EMBEDDING, recipe, progress)
     # Tied embeddings: quantize_ gives each module a new weight, so the lm_head and the token
     # embedding can take different schemes while both start from the one shared tensor.
-    decoder_q = _quantize(model.text_decoder, Component.TEXT_DECODER, recipe, progress)
+    decoder_q = _quantize(model.text_decoder.lm_head if layers_quantized else model.text_decoder, Component.TEXT_DECODER,
+                          recipe, progress)
     tokens = torch.export.Dim(TOKENS, min=1, max=chunk)
     example = min(2, chunk)
     kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
@@ -217,9 +219,18 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
                       progress: Progress) -> List[ArtifactEntry]:
     if options.prefill_chunk > options.max_context - 1:
         raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
-    return [export_vision_encoder(model, options, recipe, folder, progress),
-            *export_projectors(model, options, recipe, folder, progress),
-            *export_llm(model, options, recipe, folder, progress)]
+    entries = []
+    with model_part(model, "vision_encoder", progress):  # one part's weights alive at a time
+        entries.append(export_vision_encoder(model, options, recipe, folder, progress))
+    with model_part(model, "projector", progress):
+        entries += export_projectors(model, options, recipe, folder, progress)
+    scheme = recipe.scheme(Component.TEXT_DECODER)
+    # each decoder layer is quantized as soon as it is filled: only one layer's float32 weights at a time
+    with model_part(model, "llm", progress, on_layer=lambda layer: quantize_component(
+            layer, Component.TEXT_DECODER.value, scheme)) as layers_quantized:
+        entries += export_llm(model, options, recipe, folder, progress, layers_quantized)
+    return entries
 
 
 EXPORTERS.add("executorch", export_executorch)
+PART_BY_PART.add("executorch")

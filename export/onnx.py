@@ -14,6 +14,7 @@ go to ``<file>_data`` when a file would pass 2 GB.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import shutil
 from dataclasses import dataclass, field
@@ -25,8 +26,8 @@ from torch import nn
 
 from sfedge.errors import SfedgeError
 from sfedge.export import onnx_decoder
-from sfedge.export.api import EXPORTERS, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, projector_frame_counts, projector_stem
+from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize import onnx as onnx_quant
@@ -130,13 +131,35 @@ def _trace(item: Traceable, path: Path) -> None:
         dynamic_shapes=item.dynamic_shapes, custom_translation_table=item.translations or None, optimize=True,
         verbose=False)
     program.save(str(path), external_data=True)
+    del program
+    release_rewriter_graphs()
+
+
+def release_rewriter_graphs() -> int:
+    """onnxscript 0.7.2's rewrite rules are module-level objects whose pattern matchers keep the last graph
+    they matched (``_graph``, ``_current_node``, ``_match``): after an export, the whole ONNX model with its
+    initializers, which wrap the component's torch weights; nothing frees them until the next export.
+    Drop those references (a matcher sets them afresh on its next match); returns how many matchers."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to release
+        return 0
+    cleared = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for name in ("_graph", "_current_node", "_match", "_tracer"):
+                if name in vars(obj):
+                    setattr(obj, name, None)
+            cleared += 1
+    return cleared
 
 
 def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
     """Trace all four components to fp32 graphs, then apply the recipe per component.
 
-    The exporter owns ``model``: once every graph is traced its weights are dropped (moved to the meta
-    device) so quantizing a large decoder does not hold the PyTorch copy as well.
+    The exporter owns ``model``: each part is filled just before its trace and freed after it (see
+    export.common.model_part), and once every graph is on disk all weights are dropped (meta device), so
+    quantizing a large decoder does not hold the PyTorch copy as well.
     """
     _require_onnx_stack()
     layout = onnx_decoder.check_layout(options.kv_layout)
@@ -147,19 +170,34 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
     traced: List[Traceable] = []
     try:
         with torch.no_grad():
-            for item in (_vision(model, options), *_projectors(model, options), _embedding(model)):
-                with progress.stage(item.file_stem(), "trace"):
-                    _trace(item, work / f"{item.file_stem()}.onnx")
-                traced.append(item)
-            with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
-                item = _decoder(model, wrapper, layout)
-                with progress.stage(item.component.value, "trace"):
-                    _trace(item, work / f"{item.file_stem()}.onnx")
-                traced.append(item)
-        model.to("meta")
+            with model_part(model, "vision_encoder", progress):  # one part's weights alive at a time
+                traced.append(_trace_one(_vision(model, options), work, progress))
+            with model_part(model, "projector", progress):
+                traced += [_trace_one(item, work, progress) for item in _projectors(model, options)]
+            with model_part(model, "llm", progress):
+                traced.append(_trace_one(_embedding(model), work, progress))
+                with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
+                    traced.append(_trace_one(_decoder(model, wrapper, layout), work, progress))
+        release_model(model)
+        gc.collect()
         return [_finish(item, recipe, out, work, progress, calibration) for item in traced]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _trace_one(item: Traceable, work: Path, progress: Progress) -> Traceable:
+    with progress.stage(item.file_stem() if item.component is not Component.TEXT_DECODER else item.component.value, "trace"):
+        _trace(item, work / f"{item.file_stem()}.onnx")
+    item.module = None  # the traced graph is on disk: hold no reference to the torch weights
+    return item
+
+
+def release_model(model: SFLlava) -> None:
+    """Drop every part's torch weights (the graphs are on disk): quantizing a large decoder holds no PyTorch copy."""
+    from sfedge.models import PARTS, release_part
+
+    for part in PARTS:
+        release_part(model, part)
 
 
 def _calibration(model: SFLlava, options: ExportOptions, recipe: Recipe) -> Dict[Component, CalibrationSet]:
@@ -203,3 +241,4 @@ if TYPE_CHECKING:
     from sfedge.quantize.onnx_calibration import CalibrationSet
 
 EXPORTERS.add("onnx", export_onnx)
+PART_BY_PART.add("onnx")

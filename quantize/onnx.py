@@ -200,6 +200,13 @@ def _to_int8_static(src: Path, scheme: ComponentScheme, work: Path, calibration)
     return _load(out)
 
 
+def _load_structure_only(path: Path):
+    """The model with its external initializers left on disk (read per tensor by _to_int4)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _load_structure(path: Path):
     """The graph without its weights' bytes (names and nodes only)."""
     import onnx
@@ -211,15 +218,61 @@ def needs_calibration(scheme: ComponentScheme) -> bool:
     return scheme.scheme == "int8-static"
 
 
-def _to_int4(model, scheme: ComponentScheme):
+def _to_int4(model, scheme: ComponentScheme, data_dir: Path | None = None):
+    """MatMulNBitsQuantizer over ``model``. ``data_dir``: the model was loaded without its external data, which
+    lives there; each weight is then read just before its node is quantized and its float32 initializer
+    dropped right after, so at most one float32 weight is in memory (the quantizer's own loop, unchanged)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=int(scheme.group_size or 32),
                                      is_symmetric=bool(scheme.options.get("symmetric", True)),
                                      accuracy_level=scheme.options.get("accuracy_level"),
                                      op_types_to_quantize=tuple(scheme.options.get("ops", ("MatMul",))))
+    if data_dir is not None:
+        _read_weights_per_node(quantizer, model.graph, Path(data_dir))
     quantizer.process()
-    return quantizer.model.model
+    result = quantizer.model.model
+    if data_dir is not None:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(result, str(data_dir))  # what is left: norms, biases, RoPE tables
+    return result
+
+
+def _read_weights_per_node(quantizer, graph, data_dir: Path) -> None:
+    """Wrap the quantizer's per-node step: load the node's external initializers first, drop the float32 ones
+    no node needs any more after (instead of holding every float32 weight until the end)."""
+    from collections import Counter
+
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    uses = Counter(name for node in graph.node for name in node.input)
+    quantize_node = quantizer.node_quantizer.quantize
+
+    def quantize(node, graph_stack):
+        loaded = []
+        for name in node.input:
+            for owner in reversed(graph_stack):
+                index = next((i for i, t in enumerate(owner.initializer) if t.name == name), None)
+                if index is not None:
+                    tensor = owner.initializer[index]
+                    if uses_external_data(tensor):
+                        load_external_data_for_tensor(tensor, str(data_dir))
+                        tensor.data_location = TensorProto.DEFAULT
+                        del tensor.external_data[:]
+                        loaded.append((name, owner))
+                    break
+        new_nodes = quantize_node(node, graph_stack)
+        still_used = {name for new in new_nodes for name in new.input}
+        for name, owner in loaded:
+            uses[name] -= 1
+            if uses[name] == 0 and name not in still_used:
+                index = next(i for i, t in enumerate(owner.initializer) if t.name == name)
+                del owner.initializer[index]
+        return new_nodes
+
+    quantizer.node_quantizer.quantize = quantize
 
 
 def quantize_model(src: Path, scheme: ComponentScheme, work: Path, calibration=None):
@@ -237,7 +290,7 @@ def quantize_model(src: Path, scheme: ComponentScheme, work: Path, calibration=N
     if scheme.scheme == "int8-static":
         return _to_int8_static(src, scheme, work, calibration)
     if scheme.scheme == "int4":
-        return _to_int4(str(src), scheme)
+        return _to_int4(_load_structure_only(src), scheme, src.parent)
     return _to_int4(_to_fp16(src, scheme, work), scheme)  # q4f16
 
 

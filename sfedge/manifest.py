@@ -66,6 +66,16 @@ class ArtifactEntry:
 
 
 @dataclass
+class StageRecord:
+    """One export stage of one component: wall seconds and the process's peak resident bytes during it."""
+
+    component: str  # "vision_encoder", "projector[8 frames]", "llm", "model"
+    stage: str  # "build", "quantize", "trace", "lower", "serialize", ...
+    seconds: float
+    peak_rss_bytes: Optional[int] = None  # None: not measured (manifests before the memory records)
+
+
+@dataclass
 class Manifest:
     backend: str
     recipe: str
@@ -81,6 +91,8 @@ class Manifest:
     created: str = ""
     library_versions: Dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    stages: List[StageRecord] = field(default_factory=list)  # empty in manifests written before stage records
+    export_peak_rss_bytes: Optional[int] = None  # the export process's peak RSS (VmHWM / ru_maxrss)
 
     def component(self, name: Union[str, Component]) -> ArtifactEntry:
         key = name.value if isinstance(name, Component) else name
@@ -120,7 +132,8 @@ class Manifest:
                                  "outputs": [TensorSpec(**t) for t in entry["outputs"]]})
                 for entry in data["components"]
             ]
-            return Manifest(**{**data, "components": components})
+            stages = [StageRecord(**stage) for stage in data.get("stages", [])]
+            return Manifest(**{**data, "components": components, "stages": stages})
         except (KeyError, TypeError) as exc:
             raise SfedgeError(f"{source} does not follow the sfedge manifest schema ({exc})") from None
 

@@ -36,11 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", required=True, help="output folder")
     group.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     group.add_argument("--quiet", action="store_true", help="no progress lines")
+    group.add_argument("--ignore-memory-check", action="store_true",
+                       help="export even when the estimated peak memory exceeds what is available "
+                            "(the check reads MemAvailable, a cgroup limit, or SFEDGE_MEMORY_LIMIT=12GiB)")
 
 
 def run(args: argparse.Namespace) -> int:
     from sfedge.export.api import ExportOptions, export_model
-    from sfedge.export.common import Terminated
+    from sfedge.export.common import Terminated, stage_table
 
     frame_counts = args.frames or []
     args.frames = frame_counts[0] if frame_counts else None  # the first count is the folder's default
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                             prefill_chunk=args.prefill_chunk, encoder_batch=args.encoder_batch,
                             overwrite=args.overwrite, show_progress=not args.quiet, coreml_target=args.coreml_target,
                             extra_frames=tuple(frame_counts[1:]), kv_layout=args.kv_layout,
-                            calibration_video=args.calibration_video)
+                            calibration_video=args.calibration_video, memory_check=not args.ignore_memory_check)
     config = model_config(args)
     if args.max_context is not None:
         from sfedge.models import resolve_config
@@ -63,5 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM
     for entry in manifest.components:
         print(f"{entry.component:<16} {entry.file:<32} {entry.bytes / 2**20:>9.2f} MiB  {entry.quantization}")
+    if not args.quiet:
+        print(stage_table(manifest.stages, manifest.export_peak_rss_bytes), file=sys.stderr)
     print(f"wrote {args.out} ({manifest.backend}, recipe {manifest.recipe})", file=sys.stderr)
     return 0

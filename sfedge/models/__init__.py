@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,17 +48,62 @@ def resolve_config(config: ModelConfig, weights: WeightsSource) -> ModelConfig:
 
 
 def build_model(config: ModelConfig, weights: WeightsSource = WeightsSource(), max_seq_len: int | None = None,
-                dtype: torch.dtype = torch.float32) -> SFLlava:
-    """Build on the meta device, then fill each component from its checkpoint or seeded random tensors."""
-    config = resolve_config(config, weights)
-    max_seq_len = max_seq_len or config.llm.max_context
-    with torch.device("meta"):
-        model = SFLlava(config, max_seq_len)
-    _fill(model.vision_encoder, "vision_encoder", weights.vision_path, map_vision_keys, weights.seed, dtype)
-    _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
-    _fill_llm(model, weights, dtype)
-    _materialize_buffers(model, config, max_seq_len)
+                dtype: torch.dtype = torch.float32, fill: bool = True) -> SFLlava:
+    """Build on the meta device, then fill each component from its checkpoint or seeded random tensors
+    (``fill=False``: leave every part empty, for a caller that fills them one at a time with ``fill_part``)."""
+    model = empty_model(config, weights, max_seq_len)
+    for part in PARTS if fill else ():
+        fill_part(model, weights, part, dtype)
     return model.eval()
+
+
+# What can be filled (and freed) on its own: the LLM is one part (Qwen2.5 ties the lm_head to the token embedding).
+PARTS = ("vision_encoder", "projector", "llm")
+PART_MODULES = {"vision_encoder": ("vision_encoder",), "projector": ("projector",), "llm": ("token_embedding", "text_decoder")}
+
+
+def empty_model(config: ModelConfig, weights: WeightsSource = WeightsSource(), max_seq_len: int | None = None) -> SFLlava:
+    """The model on the meta device (no memory): fill its parts with ``fill_part`` one at a time."""
+    config = resolve_config(config, weights)
+    with torch.device("meta"):
+        return SFLlava(config, max_seq_len or config.llm.max_context).eval()
+
+
+def part_is_empty(model: SFLlava, part: str) -> bool:
+    return any(p.is_meta for name in PART_MODULES[part] for p in getattr(model, name).parameters())
+
+
+def fill_part(model: SFLlava, weights: WeightsSource, part: str, dtype: torch.dtype = torch.float32,
+              on_layer: Optional[Callable[[nn.Module], None]] = None) -> None:
+    """Give one part (see PARTS) its weights and computed buffers: the same tensors ``build_model`` gives it.
+    ``on_layer`` (part "llm"): called with each decoder layer as soon as it is filled."""
+    config = model.config
+    if part == "vision_encoder":
+        _fill(model.vision_encoder, "vision_encoder", weights.vision_path, map_vision_keys, weights.seed, dtype)
+        vision = model.vision_encoder
+        vision.frame_pos_embed = torch.zeros(vision.frame_pos_embed.shape, dtype=vision.pos_embed.dtype)
+        vision.bake_position_embedding()
+    elif part == "projector":
+        _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
+    elif part == "llm":
+        _fill_llm(model, weights, dtype, on_layer)
+        _materialize_llm_buffers(model.text_decoder, config)
+    else:
+        raise ValueError(f"unknown model part {part!r}; known: {', '.join(PARTS)}")
+
+
+def release_part(model: SFLlava, part: str) -> None:
+    """Drop one part's weights and buffers (replaced by meta tensors of the same shape and dtype, quantized
+    tensor subclasses included): their memory is freed once nothing else holds them."""
+    for name in PART_MODULES[part]:
+        for module in getattr(model, name).modules():
+            for key, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[key] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                           requires_grad=False)
+            for key, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[key] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
 
 
 def _generator(seed: int, component: str) -> torch.Generator:
@@ -71,46 +117,54 @@ def _fill(module: nn.Module, component: str, path, mapper, seed: int, dtype: tor
         module.load_state_dict(random_state(module, _generator(seed, component), dtype), assign=True)
 
 
-def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype) -> None:
+def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype,
+              on_layer: Optional[Callable[[nn.Module], None]] = None) -> None:
+    """The token embedding, then the decoder one layer at a time (``on_layer(layer)`` right after each, e.g.
+    to quantize it before the next is filled), then its final norm and lm_head. The tensors are those of
+    one pass over the whole decoder: the random stream and checkpoint names run in the same order."""
     llm = model.config.llm
     decoder = model.text_decoder
+    tied = llm.tie_embeddings
     if weights.llm_dir:
         embedding_entries, decoder_entries = map_llm_keys(read_safetensors(_safetensors_files(Path(weights.llm_dir), "LLM")))
         assign_state(model.token_embedding, embedding_entries, dtype, "LLM")
-        if llm.tie_embeddings:
-            decoder_entries.setdefault("lm_head.weight", embedding_entries["embed_tokens.weight"])
-        assign_state(decoder, decoder_entries, dtype, "LLM")
-        if llm.tie_embeddings:
-            decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
-        return
-    embed_std = RANDOM_LOGIT_STD / llm.hidden ** 0.5
-    model.token_embedding.load_state_dict(
-        random_state(model.token_embedding, _generator(weights.seed, "token_embedding"), dtype, embed_std), assign=True)
-    state = random_state(decoder, _generator(weights.seed, "text_decoder"), dtype)
-    if llm.tie_embeddings:
-        del state["lm_head.weight"]
-        decoder.load_state_dict(state, strict=False, assign=True)
-        decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
+        fill = lambda view: assign_state(view, decoder_entries, dtype, "LLM")  # noqa: E731
     else:
-        decoder.load_state_dict(state, assign=True)
+        embed_std = RANDOM_LOGIT_STD / llm.hidden ** 0.5
+        model.token_embedding.load_state_dict(
+            random_state(model.token_embedding, _generator(weights.seed, "token_embedding"), dtype, embed_std), assign=True)
+        generator = _generator(weights.seed, "text_decoder")
+
+        def fill(view: nn.Module) -> None:
+            view.load_state_dict(random_state(view, generator, dtype), strict=False, assign=True)
+
+    for index, layer in enumerate(decoder.layers):
+        view = nn.Module()
+        view.layers = nn.ModuleDict({str(index): layer})  # parameter names as in the decoder: layers.{index}.*
+        fill(view)
+        if on_layer is not None:
+            on_layer(layer)
+    rest = nn.Module()
+    rest.norm = decoder.norm
+    if not tied:  # a tied lm_head is the embedding (and the last tensor of the random stream: nothing after it shifts)
+        rest.lm_head = decoder.lm_head
+    fill(rest)
+    if tied:
+        decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
 
 
-def _materialize_buffers(model: SFLlava, config: ModelConfig, max_seq_len: int) -> None:
-    """Non-persistent buffers (RoPE tables, KV caches, baked position grid) are computed, not loaded."""
+def _materialize_llm_buffers(decoder: TextDecoder, config: ModelConfig) -> None:
+    """Non-persistent buffers (RoPE tables, KV caches) are computed, not loaded."""
     from sfedge.models.llm import KVCache, rope_tables
 
-    decoder = model.text_decoder
-    cos, sin = rope_tables(config.llm.head_dim, max_seq_len, config.llm.rope_theta)
+    cos, sin = rope_tables(config.llm.head_dim, decoder.max_seq_len, config.llm.rope_theta)
     decoder.rope_cos, decoder.rope_sin = cos, sin
     for module in decoder.modules():
         if isinstance(module, KVCache):
             shape, dtype = module.k_cache.shape, module.k_cache.dtype
             module.k_cache = torch.zeros(shape, dtype=dtype)
             module.v_cache = torch.zeros(shape, dtype=dtype)
-    vision = model.vision_encoder
-    vision.frame_pos_embed = torch.zeros(vision.frame_pos_embed.shape, dtype=vision.pos_embed.dtype)
-    vision.bake_position_embedding()
 
 
-__all__ = ["SFLlava", "WeightsSource", "build_model", "resolve_config", "VisionEncoder", "SlowFastProjector",
+__all__ = ["SFLlava", "WeightsSource", "build_model", "empty_model", "fill_part", "release_part", "part_is_empty", "PARTS", "resolve_config", "VisionEncoder", "SlowFastProjector",
            "TokenEmbedding", "TextDecoder"]

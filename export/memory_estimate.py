@@ -1,0 +1,103 @@
+"""The up-front memory check of ``sfedge export``: estimate the export's peak RSS from the preset's shapes
+before anything is built, and refuse (one line) an export that will not fit the memory available.
+
+The part-by-part exporters (export/common.py ``model_part``) hold one part's weights at a time, so the
+peak is set by the largest part (the LLM: token embedding + decoder) at one of two kinds of stage:
+
+    peak ~= base + KV cache + max(part_factor x P,  tensor_factor x T + quantized_fraction x P)
+
+P = float32 bytes of the largest part, T = float32 bytes of its largest single tensor (the 151,936-row
+token table / lm_head). ``part_factor``: float32 copies of the whole part alive at once (ONNX tracing holds
+the torch weights; Core ML converting holds them plus the MIL program's). ``tensor_factor``: copies of the
+largest tensor a quantizer holds while it quantizes it (HQQ in torchao, MatMulNBits, coremltools), with
+``quantized_fraction`` of the part already quantized beside it. An exporter that builds the whole model
+(executorch-coreml) has P = every part. The factors are measured per stage (the manifest's records) on the
+1B's LLM shape with 2 of its 28 layers (docs/export_memory.md) and rounded up: the estimate errs high.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+from sfedge.memory import GiB, LIMIT_ENV, Available, InsufficientMemory, available_memory, gib
+
+OVERRIDE_FLAG = "--ignore-memory-check"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    base_bytes: int  # the process with torch and the backend's libraries loaded
+    part_factor: float
+    tensor_factor: float
+    quantized_fraction: float
+    measured: str  # where the numbers come from
+
+
+# docs/export_memory.md, "Where the peaks come from": stage peaks of the 2-layer 1B-shape probes.
+FOOTPRINTS: Dict[str, Footprint] = {
+    # text_decoder trace 1.70 GiB = 0.47 + 1.0 x 1.22 GiB; decoder int4 quantize 3.13 GiB = 0.5 + 3.0 x 0.87 GiB
+    "onnx": Footprint(int(0.6 * GiB), 1.1, 3.2, 0.15, "2-layer probe, int4"),
+    # lm_head 8da4w quantize 4.71 GiB = 0.5 + 4.5 x 0.87 GiB + the quantized layers
+    "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.2, "2-layer probe, 8da4w-flat"),
+    # llm.decode convert 4.33 GiB = 0.5 + 3.1 x 1.22 GiB (torch float32 + MIL program + what earlier functions left)
+    "coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "2-layer probe, int4"),
+    # builds the whole model and lowers every method at once: Core ML's factor over all parts
+    "executorch-coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "Core ML's factors, whole model"),
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    peak_bytes: int
+    largest_part: str
+    part_bytes: Dict[str, int]  # float32 bytes of each part
+    kv_bytes: int
+
+    def describe(self) -> str:
+        return f"~{gib(self.peak_bytes)} (largest part {self.largest_part}: {gib(self.part_bytes[self.largest_part])} float32)"
+
+
+def part_bytes(model) -> Dict[str, int]:
+    """Float32 bytes of each part's weights, tied tensors counted once (read from a meta model: no memory)."""
+    from sfedge.models import PART_MODULES
+
+    tied = model.text_decoder.lm_head.weight if model.config.llm.tie_embeddings else None  # stored once (the embedding)
+    sizes = {}
+    for part, names in PART_MODULES.items():
+        unique = {id(p): p for name in names for p in getattr(model, name).parameters() if p is not tied}
+        sizes[part] = sum(p.numel() for p in unique.values()) * 4
+    return sizes
+
+
+def kv_cache_bytes(model) -> int:
+    return sum(b.numel() * b.element_size() for name, b in model.text_decoder.named_buffers()
+               if name.rsplit(".", 1)[-1] in ("k_cache", "v_cache"))
+
+
+def largest_tensor_bytes(model) -> int:
+    return max((p.numel() * 4 for p in model.parameters()), default=0)
+
+
+def estimate_export_peak(model, backend: str) -> MemoryEstimate:
+    """``model``: the empty (meta) model the export will fill."""
+    from sfedge.export.api import PART_BY_PART
+
+    footprint = FOOTPRINTS.get(backend, FOOTPRINTS["coreml"])
+    sizes = part_bytes(model)
+    largest = max(sizes, key=sizes.get)
+    held = sizes[largest] if backend in PART_BY_PART else sum(sizes.values())
+    kv = kv_cache_bytes(model)
+    stage = max(footprint.part_factor * held,
+                footprint.tensor_factor * largest_tensor_bytes(model) + footprint.quantized_fraction * held)
+    return MemoryEstimate(int(footprint.base_bytes + kv + stage), largest, sizes, kv)
+
+
+def check_memory(estimate: MemoryEstimate, available: Available | None = None) -> Available:
+    """Raise InsufficientMemory (one line) when the estimate exceeds what is available."""
+    available = available or available_memory()
+    if estimate.peak_bytes > available.nbytes:
+        hint = f" or raise {LIMIT_ENV}" if available.source == LIMIT_ENV else ""
+        raise InsufficientMemory(
+            f"this export needs an estimated {estimate.describe()} but {available.describe()}: free memory, choose a "
+            f"smaller --model, or pass {OVERRIDE_FLAG} to try anyway{hint}")
+    return available
