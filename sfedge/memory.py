@@ -43,13 +43,18 @@ def gib(nbytes: Optional[float]) -> str:
 
 # --- what the process uses -------------------------------------------------------------------------
 
-def _status_kib(field: str) -> Optional[int]:
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    """Bytes of a ``Field:  N kB`` line of a /proc file (/proc/self/status, /proc/meminfo); None if absent."""
     try:
-        text = Path("/proc/self/status").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
     match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
+
+
+def _status_kib(field: str) -> Optional[int]:
+    return _proc_kib("/proc/self/status", field)
 
 
 def current_rss() -> int:
@@ -148,12 +153,7 @@ class Available:
 
 
 def _meminfo_available() -> Optional[int]:
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def _read_int(path: Path) -> Optional[int]:

@@ -164,6 +164,7 @@ class Row:
     code: int
     message: str
     mutate: Optional[Callable[[Path], None]] = None  # applied to a copy of the tiny ONNX export ({art})
+    env: Tuple[Tuple[str, str], ...] = ()  # environment variables set for the row
 
 
 ROWS = [
@@ -213,6 +214,9 @@ ROWS = [
     Row("export-max-context-zero", EXPORT + ("--max-context", "0"), 2, "argument --max-context"),
     Row("export-max-context-above-model", EXPORT + ("--max-context", "5000"), 2, "exceeds model tiny's context"),
     Row("export-frames-zero", EXPORT + ("--frames", "0"), 2, "--frames values must be >= 1"),
+    Row("export-memory-limit-not-a-size", EXPORT, 2, "SFEDGE_MEMORY_LIMIT='lots' is not a size",
+        env=(("SFEDGE_MEMORY_LIMIT", "lots"),)),
+    Row("export-memory-limit-too-small", EXPORT, 1, "--ignore-memory-check", env=(("SFEDGE_MEMORY_LIMIT", "1MiB"),)),
     Row("budget-max-new-tokens-negative", ("budget", "--model", "tiny", "--max-new-tokens", "-1"), 2, "--max-new-tokens"),
     Row("budget-context-zero", ("budget", "--model", "tiny", "--context", "0"), 2, "argument --context"),
     Row("budget-prompt-not-utf8", ("budget", "--model", "tiny", "--prompt", "\udcff"), 2, "not valid UTF-8"),
@@ -286,6 +290,8 @@ def test_bad_input(row, tmp_path, monkeypatch, capsys, bad, demo_video, request)
     if "audio_only" in " ".join(row.argv) and not (bad / "audio_only.m4a").exists():
         pytest.skip("no ffmpeg (imageio-ffmpeg) to make an audio-only file")
     monkeypatch.chdir(work)
+    for name, value in row.env:
+        monkeypatch.setenv(name, value)
     before = _tree(work)
     code = main([arg.format(**values) for arg in row.argv])
     out, err = capsys.readouterr()

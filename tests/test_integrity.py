@@ -1,9 +1,7 @@
 """Artifact integrity: every path a manifest names stays inside its folder, every file it names is hashed and
-compared (component files, ONNX external data, tokenizer.json), the verification cache, the weights
-fingerprint, the one backend table, kv_dtype, and the executorch-coreml / Core ML explanations."""
+compared (component files, ONNX external data, tokenizer.json), the weights fingerprint, the one backend table, kv_dtype, and the executorch-coreml / Core ML explanations."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,72 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import sfedge.manifest as manifest_module
-from sfedge import hash_cache
-from sfedge.config import get_preset
 from sfedge.errors import SfedgeError
-from sfedge.manifest import (ArtifactEntry, Backend, Manifest, TensorSpec, artifact_path, check_weights_fingerprint,
+from sfedge.manifest import (Backend, artifact_path, check_weights_fingerprint,
                              read_manifest, verify_artifacts)
 from sfedge.models import WeightsSource
 
-FILES = {"vision_encoder.onnx": b"vision" * 50, "projector.onnx": b"projector" * 40, "embed_tokens.onnx": b"embed" * 30,
-         "decoder_model_merged.onnx": b"decoder" * 60, "decoder_model_merged.onnx_data": b"weights" * 500}
-TOKENIZER = b'{"model": "tiny"}'
+from artifact_folders import (FILES, TOKENIZER, _count_hashing, _entry, _folder, _manifest, _no_hashing,  # noqa: F401
+                              _own_cache, _rename_file, _sha)  # _own_cache: the autouse fixture
 
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    """Each test gets its own verification cache (and never touches ~/.cache)."""
-    monkeypatch.setenv(hash_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-
-
-def _entry(component: str, file: str, sha: str, **extra) -> ArtifactEntry:
-    return ArtifactEntry(component=component, file=file, sha256=sha, bytes=0, inputs=[TensorSpec("x", [1], "float32")],
-                         outputs=[], quantization={}, method=component, extra=extra)
-
-
-def _manifest(backend: str = "onnx", files: dict | None = None, **overrides) -> Manifest:
-    files = FILES if files is None else files
-    data = "decoder_model_merged.onnx_data"
-    components = [_entry("vision_encoder", "vision_encoder.onnx", _sha(files["vision_encoder.onnx"]), encoder_batch=1),
-                  _entry("projector", "projector.onnx", _sha(files["projector.onnx"]), frames=8),
-                  _entry("token_embedding", "embed_tokens.onnx", _sha(files["embed_tokens.onnx"])),
-                  _entry("text_decoder", "decoder_model_merged.onnx", _sha(files["decoder_model_merged.onnx"]),
-                         data_files=[data], data_sha256={data: _sha(files[data])})]
-    fields = dict(backend=backend, recipe="fp32", preset="tiny", model_config=get_preset("tiny").to_dict(),
-                  weights={**WeightsSource().to_dict(), "fingerprint": WeightsSource().fingerprint()}, token_budget={},
-                  export_options={"max_context": 128, "frames": 8},
-                  tokenizer={"file": "tokenizer.json", "sha256": _sha(TOKENIZER)}, components=components)
-    fields.update(overrides)
-    return Manifest(**fields)
-
-
-def _folder(tmp_path: Path, manifest: Manifest | None = None, name: str = "art") -> Path:
-    folder = tmp_path / name
-    folder.mkdir()
-    for file, data in FILES.items():
-        (folder / file).write_bytes(data)
-    (folder / "tokenizer.json").write_bytes(TOKENIZER)
-    (manifest or _manifest()).write(folder)
-    return folder
-
-
-def _rename_file(manifest: Manifest, component: str, file: str, sha: str) -> Manifest:
-    for entry in manifest.components:
-        if entry.component == component:
-            entry.file, entry.sha256 = file, sha
-    return manifest
-
-
-def _no_hashing(monkeypatch):
-    def refuse(path):
-        raise AssertionError(f"hashed {path} before refusing the manifest")
-
-    monkeypatch.setattr(manifest_module, "sha256_file", refuse)
 
 
 def test_a_well_formed_folder_verifies(tmp_path):
@@ -199,86 +139,6 @@ def test_artifact_entry_records_external_data_hashes(tmp_path):
     entry = artifact_entry(tmp_path, "text_decoder", "decoder_model_merged.onnx", [], [], {},
                            data_files=["decoder_model_merged.onnx_data"])
     assert entry.extra["data_sha256"] == {"decoder_model_merged.onnx_data": _sha(FILES["decoder_model_merged.onnx_data"])}
-
-
-# --- the verification cache -------------------------------------------------------------------------
-
-def _count_hashing(monkeypatch) -> list:
-    calls = []
-    real = manifest_module.sha256_file
-
-    def counting(path):
-        calls.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(manifest_module, "sha256_file", counting)
-    return calls
-
-
-def test_a_second_verification_hashes_nothing(tmp_path, monkeypatch):
-    folder = _folder(tmp_path)
-    calls = _count_hashing(monkeypatch)
-    verify_artifacts(folder, read_manifest(folder))
-    assert sorted(calls) == sorted([*FILES, "tokenizer.json"])
-    calls.clear()
-    verify_artifacts(folder, read_manifest(folder))
-    assert calls == []
-    verify_artifacts(folder, read_manifest(folder), use_cache=False)
-    assert len(calls) == len(FILES) + 1
-
-
-def test_a_touched_file_is_rehashed_and_a_flipped_byte_is_caught(tmp_path, monkeypatch):
-    folder = _folder(tmp_path)
-    calls = _count_hashing(monkeypatch)
-    verify_artifacts(folder, read_manifest(folder))
-    calls.clear()
-    target = folder / "decoder_model_merged.onnx_data"
-    stat = target.stat()
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    verify_artifacts(folder, read_manifest(folder))
-    assert calls == ["decoder_model_merged.onnx_data"]
-    # same size, mtime put back: ctime still changes, so the flip is hashed and caught
-    stat = target.stat()
-    data = bytearray(target.read_bytes())
-    data[10] ^= 0x01
-    target.write_bytes(bytes(data))
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
-    with pytest.raises(SfedgeError, match="onnx_data does not match the sha256"):
-        verify_artifacts(folder, read_manifest(folder))
-    with pytest.raises(SfedgeError, match="does not match"):  # a mismatch is never cached
-        verify_artifacts(folder, read_manifest(folder))
-
-
-def test_a_replaced_file_with_the_same_bytes_count_is_rehashed(tmp_path, monkeypatch):
-    folder = _folder(tmp_path)
-    verify_artifacts(folder, read_manifest(folder))
-    calls = _count_hashing(monkeypatch)
-    replacement = folder / "new"
-    replacement.write_bytes(FILES["projector.onnx"])
-    replacement.rename(folder / "projector.onnx")  # a new inode
-    verify_artifacts(folder, read_manifest(folder))
-    assert calls == ["projector.onnx"]
-
-
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"version": 1, "entries": []}', b"\xff\xfe"])
-def test_a_corrupt_cache_is_ignored_and_rewritten(tmp_path, content):
-    folder = _folder(tmp_path)
-    cache = hash_cache.cache_file()
-    cache.parent.mkdir(parents=True)
-    cache.write_bytes(content)
-    verify_artifacts(folder, read_manifest(folder))
-    data = json.loads(cache.read_text())
-    assert data["version"] == hash_cache.VERSION and len(data["entries"]) == len(FILES) + 1
-
-
-def test_an_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    monkeypatch.setenv(hash_cache.CACHE_DIR_ENV, str(blocker / "cache"))  # its parent is a file
-    folder = _folder(tmp_path)
-    verify_artifacts(folder, read_manifest(folder))
-    verify_artifacts(folder, read_manifest(folder))
 
 
 # --- weights ------------------------------------------------------------------------------------------
