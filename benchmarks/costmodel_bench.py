@@ -4,7 +4,6 @@ stage), ``--ray [auto|ADDRESS]`` and ``--ray-resource device:NAME``."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -54,7 +53,7 @@ def profile_frames(source, requested: List[Optional[int]]) -> List[int]:
 
 
 def profile_out(args: argparse.Namespace, sweep, progress=None) -> int:
-    from sfedge.benchmarks.profiler import PROFILER_MODULE, ProfileJob
+    from sfedge.benchmarks.profiler import PROFILER_MODULE, ProfileJob, measure
     from sfedge.benchmarks.runner import _progress, measure_limits, spawn_worker
 
     progress = progress or _progress
@@ -66,12 +65,10 @@ def profile_out(args: argparse.Namespace, sweep, progress=None) -> int:
     frames = profile_frames(source, list(sweep.frames))
     job = ProfileJob(source=source, video=sweep.video, frames=tuple(frames), threads=threads, repeats=max(args.repetitions, 1),
                      seed=args.seed, verify=not args.no_verify, limits=limits)
-    progress(f"profiling {source.label} at {','.join(map(str, frames))} frames ...")
-    result = spawn_worker(job.to_dict(), progress, module=PROFILER_MODULE)
-    if result.get("status") == "failed":
-        raise SfedgeError(f"profiling {source.label} failed: {result.get('note', '')}")
+    progress(f"profiling {source.label} at {','.join(map(str, frames))} frames, one fresh process per count ...")
+    profile = measure(job, lambda count_job: spawn_worker(count_job, progress, module=PROFILER_MODULE))
     Path(args.profile_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.profile_out).write_text(json.dumps(result, indent=1))
+    Path(args.profile_out).write_text(profile.to_json())
     from sfedge.benchmarks.costmodel import load_profile
 
     print(format_fits(load_profile(args.profile_out)))

@@ -1,22 +1,26 @@
-"""Measure a device profile (benchmarks/costmodel.py) with direct session calls, in a fresh process:
-``python -m sfedge.benchmarks.profiler`` reads a JSON job on stdin and prints the profile as one JSON
-line on stdout (progress on stderr), like benchmarks/worker.py.
+"""Measure a device profile (benchmarks/costmodel.py): one fresh process per frame count
+(``python -m sfedge.benchmarks.profiler`` reads a JSON job on stdin and prints one JSON line on stdout,
+progress on stderr, like benchmarks/worker.py); the parent merges the points and fits the lines.
 
-For each frame count (ascending): decode + preprocess the video, run the vision encoder (per
-encoder call), the projector where the export has one for that count, then continue ONE prefill in
-chunks up to that count's context (every chunk is a timing at its position) and decode a few
-tokens there (timings at that position); the process's peak RSS after each count gives the
-activation line. One prefill serves every count and continues to twice the largest count's context (for the
-attention slope), so a profile costs about two prefills at the largest frame count.
+Each process runs what a real run at that frame count runs, with direct session calls so every
+piece is timed: decode + preprocess the video, the vision encoder call by call
+(``Pipeline.encode_frames``), the projector, then the prefill of the spliced prompt in the export's
+chunks (every chunk is a timing at its position) and a few decode steps there. Its peak RSS (VmHWM)
+at that point is a fresh process's peak at that frame count, as `sfedge bench` measures it, so the
+activation line is fitted on the same quantity it predicts (one process for all counts would keep
+the earlier counts' projectors, arenas and features). The process of the largest count then
+continues the prefill to twice its context for the attention slope, so larger frame counts are
+interpolated. A profile costs about one prefill per count plus one at twice the largest context.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import socket
 import sys
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 from sfedge.benchmarks.cases import Source
 from sfedge.benchmarks.costmodel import (KV_BYTES_PER_VALUE, SCHEMA, DeviceProfile, Machine, ProfiledModel, fit_linear,
@@ -27,28 +31,54 @@ PROFILER_MODULE = "sfedge.benchmarks.profiler"
 EAGER_CHUNK = 128  # the eager model prefills in one call; the profile times it in chunks of at most this many tokens
 MIN_PREFILL_POINTS = 8  # eager: chunks small enough for this many timings up to the largest context
 DECODE_STEPS = 8  # decode steps timed at each frame count's context
+POINT_NAMES = ("video", "encode", "projector", "prefill", "decode")
 
 
 @dataclass(frozen=True)
 class ProfileJob:
     source: Source
     video: str
-    frames: tuple
+    frames: tuple  # every count of the profile (the eager preset is built for the largest)
     threads: Optional[int] = None
     repeats: int = 3
     gen_tokens: int = 32
     seed: int = 0
     verify: bool = True
-    limits: Optional[dict] = None  # measured by the caller in its own worker (keeps this process's RSS clean)
+    limits: Optional[dict] = None  # measured by the caller in its own worker (keeps the profile's RSS clean)
+    count: int = 0  # the one frame count a worker process measures
+    extend: bool = False  # continue the prefill to twice this count's context
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
+        return dataclasses.asdict(self)
 
     @staticmethod
     def from_dict(data: dict) -> "ProfileJob":
         return ProfileJob(**{**data, "source": Source(**data["source"]), "frames": tuple(data["frames"])})
+
+
+@dataclass(frozen=True)
+class CountMeasurement:
+    """What one worker process measured at one frame count."""
+
+    model: ProfiledModel
+    threads: int
+    rss_start_bytes: int
+    rss_loaded_bytes: int
+    peak_rss_bytes: int  # VmHWM after the prompt's prefill and decode steps, before any extension
+    activation_bytes: float  # peak - loaded - KV bytes of the context
+    max_position: int
+    points: Dict[str, List[Tuple[float, float]]]  # POINT_NAMES -> (x, y)
+    row: dict = field(default_factory=dict)  # the measured stage times at this count (plotted by `sfedge plan`)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> "CountMeasurement":
+        model = dict(data["model"])
+        model["frame_counts"] = tuple(model["frame_counts"])
+        points = {name: [tuple(p) for p in data["points"][name]] for name in POINT_NAMES}
+        return CountMeasurement(**{**data, "model": ProfiledModel(**model), "points": points})
 
 
 def _log(message: str) -> None:
@@ -61,7 +91,7 @@ def _timed(fn):
     return out, (time.perf_counter_ns() - start) / 1e6
 
 
-def _best(fn, repeats: int):
+def _median(fn, repeats: int):
     """(output, median ms over ``repeats`` calls after one unmeasured call): the bench reports means
     over warmed-up repetitions, so the profile neither keeps cold calls nor only the luckiest one."""
     out = fn()
@@ -96,10 +126,10 @@ def _kv_dtype(session) -> str:
     return str(session.manifest.component(Component.TEXT_DECODER).extra.get("kv_dtype", "fp32"))
 
 
-def measure(job: ProfileJob) -> DeviceProfile:
+def measure_count(job: ProfileJob) -> CountMeasurement:
+    """One frame count in this (fresh) process; see the module docstring."""
     import torch
 
-    from sfedge.benchmarks.provenance import cpu_model, provenance
     from sfedge.budget import DEFAULT_QUESTION, visual_token_counts
     from sfedge.prompt import tokenize_prompt
     from sfedge.runtime.sampling import Sampler, SamplingConfig
@@ -108,18 +138,20 @@ def measure(job: ProfileJob) -> DeviceProfile:
 
     if job.threads:
         torch.set_num_threads(job.threads)
+    n, source = job.count, job.source
     rss_start = peak_rss_bytes()
     pipeline = _pipeline(job)
     rss_loaded = peak_rss_bytes()
     session, config = pipeline.session, pipeline.config
-    source = job.source
+    counts = tuple(session.frame_counts)
     parts = tokenize_prompt(pipeline.tokenizer, DEFAULT_QUESTION, config.prompt_template)
-    def embed_prompt():  # as Pipeline.prepare times it: tokenize, then embed both text parts
+
+    def embed_prompt():  # as Pipeline.prepare does: tokenize, then embed both text parts
         prompt = tokenize_prompt(pipeline.tokenizer, DEFAULT_QUESTION, config.prompt_template)
         return (session.embed(torch.tensor(prompt.before, dtype=torch.long)),
                 session.embed(torch.tensor(prompt.after, dtype=torch.long)))
 
-    _, embed_ms = _best(embed_prompt, job.repeats)
+    (before, after), embed_ms = _median(embed_prompt, job.repeats)
     sampler = Sampler(SamplingConfig())
     one_token = torch.tensor([0], dtype=torch.long)
     chunk = session.max_prefill_chunk
@@ -127,20 +159,15 @@ def measure(job: ProfileJob) -> DeviceProfile:
         _, slow, fast = visual_token_counts(config, max(job.frames))
         chunk = max(1, min(chunk, EAGER_CHUNK, -(-(slow + fast + parts.text_tokens) // MIN_PREFILL_POINTS)))
     generator = torch.Generator().manual_seed(job.seed)
-    chunk_embeds = session.embed(torch.randint(0, config.llm.vocab_size, (chunk,), generator=generator))
-    step_embed = chunk_embeds[:1]
+    filler = session.embed(torch.randint(0, config.llm.vocab_size, (chunk,), generator=generator))
     kv_dtype = _kv_dtype(session)
     kv_per_token = config.llm.kv_bytes_per_token(KV_BYTES_PER_VALUE.get(kv_dtype, 4))
-    batch = session.encoder_batch or 0
-    frames = sorted(set(job.frames))
-    counts = tuple(session.frame_counts)
     for _ in range(2):  # warm the decoder up: a chunk, then single steps
-        session.decode(chunk_embeds, 0)
+        session.decode(filler, 0)
         for step in range(DECODE_STEPS):
-            session.decode(step_embed, chunk + step)
+            session.decode(filler[:1], chunk + step)
         session.reset()
-    points = {name: [] for name in ("video", "encode", "projector", "prefill", "decode", "activation")}
-    measured: List[dict] = []
+    points: Dict[str, list] = {name: [] for name in POINT_NAMES}
     position = 0
 
     def decode_here() -> float:
@@ -156,92 +183,132 @@ def measure(job: ProfileJob) -> DeviceProfile:
         points["decode"].append((start + (DECODE_STEPS - 1) / 2, median))
         return median
 
-    decode_here()  # the short-context end of the decode line
-    prefill_total = 0.0  # one prefill, continued from count to count: cumulative up to each count's context
-    for n in frames:
-        def video():
-            decoded = load_video(job.video, config.vision.frame_size, n)
-            pixels = preprocess(decoded.frames, config.vision.pixel_mean, config.vision.pixel_std)
-            return pixels[torch.arange(n) % pixels.shape[0]]  # a short video repeats frames, as static exports do
-        pixels, video_ms = _best(video, job.repeats)
-        points["video"].append((n, video_ms))
-        if batch:
-            calls = [pixels[i:i + batch] for i in range(0, n, batch)]
-            calls = [c if c.shape[0] == batch else torch.cat([c, c.new_zeros((batch - c.shape[0], *c.shape[1:]))]) for c in calls]
-            if not points["encode"]:
-                session.encode(calls[0])  # warm-up; every later call is one timing (a 1B frame takes seconds)
-            call_times = [_timed(lambda c=c: session.encode(c))[1] for c in calls]
-            points["encode"].extend((batch, ms) for ms in call_times)
-            encode_total = sum(call_times)
-        else:
-            _, encode_total = _best(lambda: session.encode(pixels), job.repeats)
-            points["encode"].append((n, encode_total))
-        row = {"frames": n, "video_ms": video_ms, "vision_encode_ms": encode_total, "embed_ms": embed_ms}
-        if not counts or n in counts:
-            features = pipeline.encode_frames(pixels)
-            visual, project_ms = _best(lambda: session.project(features), job.repeats)
-            points["projector"].append((n, project_ms))
-            row["projector_ms"] = project_ms
-            visual_tokens = visual.shape[0]
-        else:
-            _, slow, fast = visual_token_counts(config, n)
-            visual_tokens = slow + fast
-        context = visual_tokens + parts.text_tokens
-        if context + DECODE_STEPS > session.max_context:
-            raise SfedgeError(f"{source.label}: {n} frames need a context of {context + DECODE_STEPS} but the export holds "
-                              f"{session.max_context}; profile fewer frames or re-export with a larger --max-context")
-        while position < context:
-            take = min(chunk, session.max_context - position - DECODE_STEPS)
-            if take < 1:
-                break
-            _, ms = _timed(lambda: session.decode(chunk_embeds[:take], position))
+    def prefill(embeds, until: int) -> float:
+        """Prefill from the current position up to ``until`` (``embeds`` from its start, or the filler chunk
+        where it is None); ms in total."""
+        nonlocal position
+        total, offset = 0.0, 0
+        while position < until:
+            take = min(chunk, until - position)
+            piece = filler[:take] if embeds is None else embeds[offset:offset + take]
+            _, ms = _timed(lambda: session.decode(piece, position))
             points["prefill"].append((position + (take - 1) / 2, ms / take))
-            prefill_total += ms
+            total += ms
             position += take
-        decode_ms = decode_here()
-        peak = peak_rss_bytes()
-        points["activation"].append((n, peak - rss_loaded - kv_per_token * position))
-        row.update({"visual_tokens": visual_tokens, "context": position, "prefill_ms_to_here": prefill_total,
-                    "decode_ms_per_token": decode_ms, "peak_rss_bytes": peak})
-        measured.append(row)
-        _log(f"  {n} frames: encode {encode_total:.1f} ms, context {position}, decode "
-             f"{row['decode_ms_per_token']:.2f} ms/token, peak RSS {peak / 2**20:.0f} MiB")
-    # continue the prefill to twice the largest context (the export's limit at most): the attention
-    # slope needs a long enough line, and larger frame counts are then interpolated, not extrapolated
-    target = min(2 * position, session.max_context - DECODE_STEPS)
-    while position + 1 < target:
-        take = min(chunk, target - position)
-        _, ms = _timed(lambda: session.decode(chunk_embeds[:take], position))
-        points["prefill"].append((position + (take - 1) / 2, ms / take))
-        position += take
-    if position + DECODE_STEPS <= session.max_context and points["decode"][-1][0] < position:
-        decode_here()
-    if not points["projector"]:
-        raise SfedgeError(f"{source.label}: none of --frames {','.join(map(str, frames))} has a projector in this export "
-                          f"(it has {','.join(map(str, counts))}); include one of those")
-    fits = {
-        "video_ms": fit_linear(points["video"], "frames", "ms", nonnegative_slope=True),
-        "encode_call_ms": fit_linear(points["encode"], "frames_per_call", "ms", nonnegative_slope=True),
-        "projector_ms": fit_linear(points["projector"], "frames", "ms", nonnegative_slope=True),
-        "embed_ms": fit_linear([(parts.text_tokens, embed_ms)], "text_tokens", "ms"),
-        "prefill_ms_per_token": fit_linear(points["prefill"], "position", "ms_per_token", True, "constant"),
-        "decode_ms_per_token": fit_linear(points["decode"], "position", "ms_per_token", True, "constant"),
-        "activation_bytes": fit_linear(points["activation"], "frames", "bytes"),
-    }
-    limits = job.limits or {}
+            offset += take
+        return total
+
+    decode_here()  # the short-context end of the decode line, then the run starts over at position 0
+    session.reset()
+    position = 0
+
+    def video():
+        decoded = load_video(job.video, config.vision.frame_size, n)
+        pixels = preprocess(decoded.frames, config.vision.pixel_mean, config.vision.pixel_std)
+        return pixels[torch.arange(n) % pixels.shape[0]]  # a short video repeats frames, as static exports do
+
+    pixels, video_ms = _median(video, job.repeats)
+    points["video"].append((n, video_ms))
+    pipeline.encode_frames(pixels[:session.encoder_batch or 1])  # warm-up; a 1B frame takes seconds, each call is timed once
+    encode_calls: list = []
+    features = pipeline.encode_frames(pixels, encode_calls)
+    points["encode"].extend(encode_calls)
+    encode_total = sum(ms for _, ms in encode_calls)
+    row = {"frames": n, "video_ms": video_ms, "vision_encode_ms": encode_total, "embed_ms": embed_ms}
+    if not counts or n in counts:
+        visual, project_ms = _median(lambda: session.project(features), job.repeats)
+        points["projector"].append((n, project_ms))
+        row["projector_ms"] = project_ms
+        embeds = torch.cat([before, visual.to(before.dtype), after])  # as Pipeline.prepare splices the prompt
+        context = embeds.shape[0]
+        del visual
+    else:  # no projector for this count in the export: the encoder is timed, the prompt is filler of the true length
+        _, slow, fast = visual_token_counts(config, n)
+        embeds = None
+        context = slow + fast + parts.text_tokens
+    del pixels, features  # the pipeline keeps only the prompt embeddings past this point
+    if context + DECODE_STEPS > session.max_context:
+        raise SfedgeError(f"{source.label}: {n} frames need a context of {context + DECODE_STEPS} but the export holds "
+                          f"{session.max_context}; profile fewer frames or re-export with a larger --max-context")
+    prefill_ms = prefill(embeds, context)
+    decode_ms = decode_here()
+    peak = peak_rss_bytes()
+    row.update({"visual_tokens": context - parts.text_tokens, "context": context, "prefill_ms_to_here": prefill_ms,
+                "decode_ms_per_token": decode_ms, "peak_rss_bytes": peak})
+    _log(f"  {n} frames: encode {encode_total:.1f} ms, prefill {context} tokens {prefill_ms / 1e3:.1f} s, decode "
+         f"{decode_ms:.2f} ms/token, peak RSS {peak / 2**20:.0f} MiB")
+    del embeds
+    if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
+        target = min(2 * position, session.max_context - DECODE_STEPS)
+        prefill(None, target)
+        if position + DECODE_STEPS <= session.max_context:
+            decode_here()
+        _log(f"  prefill continued to position {position}")
     manifest = session.manifest
     model = ProfiledModel(
         label=source.label, preset=config.name, backend=session.backend,
         recipe=manifest.recipe if manifest is not None and session.backend != "eager" else "fp32",
         manifest_sha256=manifest_sha256(source.folder) if source.folder and session.backend != "eager" else "",
-        slowfast=config.slowfast.spec, max_context=session.max_context, prefill_chunk=chunk, encoder_batch=batch,
-        frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype, kv_bytes_per_token=kv_per_token)
-    machine = Machine(cpu=cpu_model(), cores=_cores(), threads=torch.get_num_threads(),
+        slowfast=config.slowfast.spec, max_context=session.max_context, prefill_chunk=chunk,
+        encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype,
+        kv_bytes_per_token=kv_per_token)
+    return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
+                            rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak,
+                            activation_bytes=peak - rss_loaded - kv_per_token * (context + DECODE_STEPS),
+                            max_position=position, points=points, row=row)
+
+
+def count_jobs(job: ProfileJob) -> List[ProfileJob]:
+    frames = sorted(set(job.frames))
+    return [dataclasses.replace(job, frames=tuple(frames), count=n, extend=n == frames[-1]) for n in frames]
+
+
+def fit_profile(job: ProfileJob, parts: List[CountMeasurement]) -> DeviceProfile:
+    """Merge the per-count measurements into one profile (pure arithmetic; tested on synthetic parts)."""
+    from sfedge.benchmarks.provenance import cpu_model, provenance
+
+    if not parts:
+        raise SfedgeError("no frame count was measured")
+    model = parts[0].model
+    for part in parts[1:]:
+        if dataclasses.replace(part.model, prefill_chunk=model.prefill_chunk) != model:
+            raise SfedgeError(f"{model.label}: the worker processes saw different exports or settings")
+    points = {name: [p for part in parts for p in part.points[name]] for name in POINT_NAMES}
+    if not points["projector"]:
+        raise SfedgeError(f"{model.label}: none of --frames {','.join(str(p.row['frames']) for p in parts)} has a projector "
+                          f"in this export (it has {','.join(map(str, model.frame_counts))}); include one of those")
+    activation = [(part.row["frames"], part.activation_bytes) for part in parts]
+    fits = {
+        "video_ms": fit_linear(points["video"], "frames", "ms", nonnegative_slope=True),
+        "encode_call_ms": fit_linear(points["encode"], "frames_per_call", "ms", nonnegative_slope=True),
+        "projector_ms": fit_linear(points["projector"], "frames", "ms", nonnegative_slope=True),
+        "embed_ms": fit_linear([(model.text_tokens, sum(p.row["embed_ms"] for p in parts) / len(parts))], "text_tokens", "ms"),
+        "prefill_ms_per_token": fit_linear(points["prefill"], "position", "ms_per_token", True, "constant"),
+        "decode_ms_per_token": fit_linear(points["decode"], "position", "ms_per_token", True, "constant"),
+        "activation_bytes": fit_linear(activation, "frames", "bytes"),
+    }
+    limits = job.limits or {}
+    machine = Machine(cpu=cpu_model(), cores=_cores(), threads=parts[0].threads,
                       read_gb_s=float(limits.get("read_gb_s", 0.0)), copy_gb_s=float(limits.get("copy_gb_s", 0.0)),
                       matmul_gflop_s=float(limits.get("matmul_gflop_s", 0.0)), hostname=socket.gethostname())
+    mean = lambda values: int(sum(values) / len(values))  # noqa: E731
     return DeviceProfile(schema=SCHEMA, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                         machine=machine, model=model, fits=fits, rss_start_bytes=rss_start, rss_loaded_bytes=rss_loaded,
-                         frames=tuple(frames), max_position=position, measured=tuple(measured), provenance=provenance())
+                         machine=machine, model=model, fits=fits,
+                         rss_start_bytes=mean([p.rss_start_bytes for p in parts]),
+                         rss_loaded_bytes=mean([p.rss_loaded_bytes for p in parts]),
+                         frames=tuple(p.row["frames"] for p in parts), max_position=max(p.max_position for p in parts),
+                         measured=tuple(p.row for p in parts), provenance=provenance())
+
+
+def measure(job: ProfileJob, spawn: Callable[[dict], dict]) -> DeviceProfile:
+    """Every count in its own process via ``spawn`` (job dict -> result dict), then the fits."""
+    parts = []
+    for count_job in count_jobs(job):
+        result = spawn(count_job.to_dict())
+        if result.get("status") == "failed":
+            raise SfedgeError(f"profiling {job.source.label} at {count_job.count} frames failed: {result.get('note', '')}")
+        parts.append(CountMeasurement.from_dict(result))
+    return fit_profile(job, parts)
 
 
 def _cores() -> int:
@@ -253,7 +320,7 @@ def _cores() -> int:
 def main() -> int:
     from sfedge.benchmarks.worker import serve_one_job
 
-    return serve_one_job(lambda job: measure(ProfileJob.from_dict(job)).to_dict())
+    return serve_one_job(lambda job: measure_count(ProfileJob.from_dict(job)).to_dict())
 
 
 if __name__ == "__main__":

@@ -81,17 +81,26 @@ class Pipeline:
             return video.max_frames
         return self.session.frames or self.config.slowfast.frames
 
-    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_frames(self, pixels: torch.Tensor, call_ms: Optional[list] = None) -> torch.Tensor:
+        """Features [T, patches, width]; ``call_ms`` (the device profiler) receives (frames in the call, ms) per
+        encoder call."""
         batch = self.session.encoder_batch
         if not batch:
-            return self.session.encode(pixels)
+            start = now_ms()
+            features = self.session.encode(pixels)
+            if call_ms is not None:
+                call_ms.append((pixels.shape[0], now_ms() - start))
+            return features
         outputs = []
         for begin in range(0, pixels.shape[0], batch):
             chunk = pixels[begin:begin + batch]
             real = chunk.shape[0]
             if real < batch:  # static batch: pad with zeros, drop the padded outputs
                 chunk = torch.cat([chunk, chunk.new_zeros((batch - real, *chunk.shape[1:]))])
+            start = now_ms()
             outputs.append(self.session.encode(chunk)[:real])
+            if call_ms is not None:
+                call_ms.append((batch, now_ms() - start))
         return torch.cat(outputs)
 
     def check_fits(self, frames: int, text_tokens: int, where: str) -> None:

@@ -66,6 +66,52 @@ def test_fit_recovers_known_coefficients():
     assert flat.slope == 0.0 and flat.intercept == 4.5
 
 
+def _count_part(frames, model, rss_loaded=1500 << 20, extend=False):
+    """What one profiler worker would report at ``frames`` on the TRUE machine (no noise)."""
+    from sfedge.benchmarks.profiler import CountMeasurement
+
+    context = 100 + 36 * frames
+    positions = [p + 0.5 for p in range(0, 2 * context if extend else context, 128)]
+    activation = TRUE["activation"][0] + TRUE["activation"][1] * frames
+    peak = rss_loaded + model.kv_bytes_per_token * (context + 8) + activation
+    points = {"video": _line("video", [frames]), "encode": _line("encode", [1] * frames),
+              "projector": _line("projector", [frames]), "prefill": _line("prefill", positions),
+              "decode": _line("decode", [3.5, context + 3.5] + ([2 * context + 3.5] if extend else []))}
+    row = {"frames": frames, "embed_ms": 2.0, "context": context, "peak_rss_bytes": peak}
+    return CountMeasurement(model=model, threads=2, rss_start_bytes=100 << 20, rss_loaded_bytes=rss_loaded,
+                            peak_rss_bytes=peak, activation_bytes=activation, max_position=(2 if extend else 1) * context + 8,
+                            points=points, row=row)
+
+
+def test_profile_merges_one_process_per_count():
+    """The parent's fits over per-count worker results recover the true lines; a worker that saw another
+    export is refused; the JSON round trip of a worker result is lossless."""
+    from sfedge.benchmarks.cases import Source
+    from sfedge.benchmarks.profiler import CountMeasurement, ProfileJob, count_jobs, fit_profile, measure
+
+    model = synthetic_profile().model
+    job = ProfileJob(source=Source(folder="/x/sf1b"), video="v.mp4", frames=(16, 4, 64))
+    jobs = count_jobs(job)
+    assert [(j.count, j.extend) for j in jobs] == [(4, False), (16, False), (64, True)]
+    parts = [_count_part(j.count, model, extend=j.extend) for j in jobs]
+    sent = []
+    profile = measure(job, lambda d: sent.append(d["count"]) or CountMeasurement.from_dict(
+        json.loads(json.dumps(parts[len(sent) - 1].to_dict()))).to_dict())
+    assert sent == [4, 16, 64] and profile.frames == (4, 16, 64) and profile.max_position == 2 * (100 + 36 * 64) + 8
+    for name, key in (("activation", "activation_bytes"), ("prefill", "prefill_ms_per_token"), ("projector", "projector_ms"),
+                      ("decode", "decode_ms_per_token"), ("video", "video_ms")):
+        fit = profile.fits[key]
+        assert (fit.intercept, fit.slope) == (pytest.approx(TRUE[name][0], rel=1e-6), pytest.approx(TRUE[name][1], rel=1e-6))
+    assert profile.rss_loaded_bytes == 1500 << 20
+    # the prediction at a profiled count gives back that worker's peak
+    assert predict(profile, 16, 36 * 16, model.slowfast, 100, gen_tokens=8).peak_rss_bytes == pytest.approx(parts[1].peak_rss_bytes)
+    other = dataclasses.replace(parts[1], model=dataclasses.replace(model, manifest_sha256="cd" * 32))
+    with pytest.raises(SfedgeError, match="different exports"):
+        fit_profile(job, [parts[0], other])
+    with pytest.raises(SfedgeError, match="at 4 frames failed: boom"):
+        measure(job, lambda d: {"status": "failed", "note": "boom"})
+
+
 def test_prediction_adds_up_the_stages():
     profile = synthetic_profile()
     p = predict(profile, frames=16, visual_tokens=800, slowfast="s", text_tokens=40, gen_tokens=32)
@@ -165,7 +211,9 @@ def test_profile_and_validate_tiny_onnx(tiny_onnx, demo_video, tmp_path, capsys)
     profile = load_profile(str(path))
     assert profile.model.backend == "onnx" and profile.frames == (2, 8) and profile.model.prefill_chunk == 64
     assert profile.fits["encode_call_ms"].slope > 0 and profile.max_position > 8 * 4
-    assert len(profile.fits["prefill_ms_per_token"].points) >= 1 and len(profile.fits["decode_ms_per_token"].points) == 4  # position 0, each count, 2x context
+    # one process per count: position 0 and the count's context in each, twice the largest context in the last
+    assert len(profile.fits["decode_ms_per_token"].points) == 5 and len(profile.fits["prefill_ms_per_token"].points) >= 2
+    assert [row["frames"] for row in profile.measured] == [2, 8] and "projector_ms" in profile.measured[1]
     assert "| prefill_ms_per_token |" in capsys.readouterr().out
     assert main(["bench", str(tiny_onnx), "--validate", str(path), "-r", "1", "--gen-tokens", "8", "--output", "json",
                  "--out", str(tmp_path / "b.json"), *common]) == 0
