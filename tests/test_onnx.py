@@ -272,3 +272,51 @@ def test_run_picks_an_exported_frame_count_or_says_which_exist(export_dir, tmp_p
     assert "frames 4 |" in capsys.readouterr().err
     assert main(["run", str(folder), "--video", str(video), "--prompt", "hi", "--frames", "5"]) == 1
     assert "projectors for 8,4 frames, not 5" in capsys.readouterr().err
+
+
+def _external_weights_model(folder: Path, rows: int = 64, cols: int = 96, vocab: int = 80) -> Path:
+    """x @ W1 @ W2 plus a Gather table, all weights as external data beside the file (as _trace saves)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.standard_normal((rows, cols), dtype=np.float32),
+               "w2": rng.standard_normal((cols, rows), dtype=np.float32),
+               "table": rng.standard_normal((vocab, rows), dtype=np.float32)}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, rows])],
+                              [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    path = folder / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    return path
+
+
+def test_int4_reads_matmul_weights_memory_mapped_and_matches_a_full_load(tmp_path, monkeypatch):
+    """The int4 decoder path (weights left on disk, MatMul weights memory-mapped by the quantizer, never loaded
+    into the proto) writes exactly what the quantizer writes from a fully loaded model, and runs."""
+    from onnx import external_data_helper
+
+    from sfedge.quantize.recipes import ComponentScheme
+
+    path = _external_weights_model(tmp_path)
+    scheme = ComponentScheme("int4", 32, {"ops": ("MatMul", "Gather"), "symmetric": True, "accuracy_level": 4})
+    reference = onnx_quant._to_int4(onnx.load(str(path)), scheme)
+    loaded = []
+    load = external_data_helper.load_external_data_for_tensor
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_tensor",
+                        lambda tensor, base_dir: (loaded.append(tensor.name), load(tensor, base_dir)))
+    frugal = onnx_quant.quantize_model(path, scheme, tmp_path)
+    assert "table" in loaded and not {"w1", "w2"} & set(loaded)  # Gather loads its table; MatMuls map theirs
+    assert [n.op_type for n in frugal.graph.node] == [n.op_type for n in reference.graph.node] == \
+        ["GatherBlockQuantized", "MatMulNBits", "MatMulNBits"]
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert {t.name for t in frugal.graph.initializer} == set(initializers)
+    for tensor in frugal.graph.initializer:
+        assert not external_data_helper.uses_external_data(tensor)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), initializers[tensor.name])
+    session = ort.InferenceSession(frugal.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"ids": np.array([[0, 5, 79]])})[0].shape == (1, 3, 64)
