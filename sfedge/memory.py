@@ -82,6 +82,7 @@ class RssSampler:
     def __init__(self, interval: float = SAMPLE_SECONDS):
         self.interval = interval
         self._high = 0
+        self._epoch = 0  # bumped by reset(): a reading taken before a reset is not counted after it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -99,18 +100,22 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._observe(current_rss())
+            epoch = self._epoch
+            self._observe(current_rss(), epoch)
 
-    def _observe(self, rss: int) -> None:
+    def _observe(self, rss: int, epoch: int) -> None:
         with self._lock:
-            self._high = max(self._high, rss)
+            if epoch == self._epoch:
+                self._high = max(self._high, rss)
 
     def reset(self) -> None:
         with self._lock:
+            self._epoch += 1
             self._high = current_rss()
 
     def high(self) -> int:
-        self._observe(current_rss())
+        epoch = self._epoch
+        self._observe(current_rss(), epoch)
         with self._lock:
             return self._high
 

@@ -46,6 +46,20 @@ def test_stage_peak_sees_an_allocation_inside_the_stage():
     assert "allocate" in table and "peak GiB" in table and "(process)" in table
 
 
+def test_a_reading_taken_before_a_stage_began_is_not_its_peak():
+    """The sampler thread may read the RSS while the previous stage still holds memory and record it just after the
+    next stage began (the GIL can switch between the two): such a reading must not count for the new stage."""
+    from sfedge.memory import RssSampler, current_rss
+
+    sampler = RssSampler()  # thread not started: the race is played by hand
+    stale_epoch = sampler._epoch
+    sampler.reset()
+    sampler._observe(current_rss() + 8 * GiB, stale_epoch)  # read before reset(), recorded after it
+    assert sampler.high() < current_rss() + GiB
+    sampler._observe(current_rss() + 8 * GiB, sampler._epoch)  # a reading of this stage counts
+    assert sampler.high() >= current_rss() + 7 * GiB
+
+
 def test_check_memory_refuses_with_one_line_naming_estimate_available_and_flag():
     estimate = MemoryEstimate(10 * GiB, "llm", {"vision_encoder": GiB, "projector": 1, "llm": 6 * GiB}, 0)
     assert check_memory(estimate, Available(11 * GiB, "MemAvailable")).nbytes == 11 * GiB
