@@ -35,8 +35,9 @@ class Footprint:
 
 # docs/export_memory.md, "Where the peaks come from": stage peaks of the 2-layer 1B-shape probes.
 FOOTPRINTS: Dict[str, Footprint] = {
-    # text_decoder trace 1.70 GiB = 0.47 + 1.0 x 1.22 GiB; decoder int4 quantize 3.13 GiB = 0.5 + 3.0 x 0.87 GiB
-    "onnx": Footprint(int(0.6 * GiB), 1.1, 3.2, 0.15, "2-layer probe, int4"),
+    # text_decoder trace 1.70 GiB = 0.47 + 1.0 x 1.22 GiB (1B, 28 layers: 6.43 GiB = 0.5 + 1.03 x 5.75 GiB);
+    # embed_tokens int4 quantize 2.82 GiB = 0.5 + 2.7 x 0.87 GiB (the decoder's, MatMul weights memory-mapped: 1.84)
+    "onnx": Footprint(int(0.6 * GiB), 1.1, 2.8, 0.15, "2-layer probe, int4"),
     # lm_head 8da4w quantize 4.71 GiB = 0.5 + 4.5 x 0.87 GiB + the quantized layers
     "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.2, "2-layer probe, 8da4w-flat"),
     # llm.decode convert 4.33 GiB = 0.5 + 3.1 x 1.22 GiB (torch float32 + MIL program + what earlier functions left)
