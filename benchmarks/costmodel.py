@@ -13,8 +13,10 @@ The model, stage by stage (x = what the stage's cost grows with):
 - prefill: ms per token at position p = a + b x p (the b term is attention over the cache), so a
   prompt of L tokens costs L a + b L (L - 1) / 2, whatever the chunking
 - decode: ms per token at position p = a + b x p; tok/s at context c = 1000 / (a + b c)
-- peak RSS = RSS after load + KV bytes per token x context + activations (a + b x frames); the
-  KV bytes per token come from the manifest's kv_dtype, the activation line is fitted on the rest.
+- peak RSS = RSS after load + the larger of the two phases' needs: the vision phase (frames, pixels,
+  features, the projector's buffers: a + b x frames) and the LLM phase (KV bytes per token x context +
+  the prefill's buffers: a + b x frames). The KV bytes per token come from the manifest's kv_dtype;
+  both lines are fitted on each phase's measured peak in a fresh process per profiled count.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from sfedge.errors import SfedgeError
 
-SCHEMA = "sfedge-device-profile/1"
+SCHEMA = "sfedge-device-profile/2"  # 2: the memory model has a vision and an LLM phase
 KV_BYTES_PER_VALUE = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "int8": 1}
 EXTRAPOLATION_SLACK = 1.05  # up to 5 % past the measured range still counts as measured
 
@@ -130,7 +132,7 @@ class DeviceProfile:
     created: str
     machine: Machine
     model: ProfiledModel
-    fits: Dict[str, LinearFit]  # video_ms, encode_call_ms, projector_ms, embed_ms, prefill_ms_per_token, decode_ms_per_token, activation_bytes
+    fits: Dict[str, LinearFit]  # FIT_NAMES
     rss_start_bytes: int
     rss_loaded_bytes: int
     frames: Tuple[int, ...]  # the frame counts measured
@@ -161,7 +163,7 @@ class DeviceProfile:
 
 
 FIT_NAMES = ("video_ms", "encode_call_ms", "projector_ms", "embed_ms", "prefill_ms_per_token", "decode_ms_per_token",
-             "activation_bytes")
+             "vision_bytes", "llm_bytes")
 
 
 def load_profile(path: str) -> DeviceProfile:
@@ -171,7 +173,11 @@ def load_profile(path: str) -> DeviceProfile:
         raise SfedgeError(f"cannot read device profile {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise SfedgeError(f"device profile {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if isinstance(schema, str) and schema.startswith(SCHEMA.split("/")[0] + "/") and schema != SCHEMA:
+        raise SfedgeError(f"{path} is a device profile of another format ({schema}; this sfedge reads {SCHEMA}); "
+                          "measure it again with `sfedge bench DIR --profile-out FILE`")
+    if schema != SCHEMA:
         raise SfedgeError(f"{path} is not an sfedge device profile (expected schema {SCHEMA!r}); "
                           "write one with `sfedge bench DIR --profile-out FILE`")
     try:
@@ -275,8 +281,9 @@ def predict(profile: DeviceProfile, frames: int, visual_tokens: int, slowfast: s
     decode_fit = fits["decode_ms_per_token"]
     first_step = max(decode_fit(prompt), 1e-9)
     decode_total = prefill_ms(decode_fit, max(gen_tokens - 1, 0), prompt)
-    activations = fits["activation_bytes"](frames)
-    peak = profile.rss_loaded_bytes + model.kv_bytes_per_token * context + max(activations, 0.0)
+    vision_phase = max(fits["vision_bytes"](frames), 0.0)
+    llm_phase = model.kv_bytes_per_token * context + max(fits["llm_bytes"](frames), 0.0)
+    peak = profile.rss_loaded_bytes + max(vision_phase, llm_phase)
     return Prediction(label=model.label, backend=model.backend, recipe=model.recipe, frames=frames, slowfast=slowfast,
                       visual_tokens=visual_tokens, prompt_tokens=prompt, stages_ms=stages, ttft_ms=sum(stages.values()),
                       decode_tokens_per_s=1000.0 / first_step, decode_ms=decode_total, peak_rss_bytes=int(peak),

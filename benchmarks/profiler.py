@@ -2,13 +2,15 @@
 (``python -m sfedge.benchmarks.profiler`` reads a JSON job on stdin and prints one JSON line on stdout,
 progress on stderr, like benchmarks/worker.py); the parent merges the points and fits the lines.
 
-Each process runs what a real run at that frame count runs, with direct session calls so every
-piece is timed: decode + preprocess the video, the vision encoder call by call
-(``Pipeline.encode_frames``), the projector, then the prefill of the spliced prompt in the export's
-chunks (every chunk is a timing at its position) and a few decode steps there. Its peak RSS (VmHWM)
-at that point is a fresh process's peak at that frame count, as `sfedge bench` measures it, so the
-activation line is fitted on the same quantity it predicts (one process for all counts would keep
-the earlier counts' projectors, arenas and features). The process of the largest count then
+Each process runs what a real run at that frame count runs, in the pipeline's order, with direct
+session calls so every piece is timed: decode + preprocess the video, the vision encoder call by call
+(``Pipeline.encode_frames``), the projector; then the LLM: the prefill of the spliced prompt in the
+export's chunks (every chunk is a timing at its position) and a few decode steps there. The peak RSS
+of each of the two phases (sampled, corrected with VmHWM: sfedge.memory.StageMeter) is a fresh
+process's peak at that frame count, as `sfedge bench` measures it, so the memory lines are fitted on
+the quantity they predict (one process for all counts would keep the earlier counts' projectors,
+arenas and features). The vision phase holds the frames, pixels and features (it grows with frames);
+the LLM phase holds the KV cache and the prefill's buffers. The process of the largest count then
 continues the prefill to twice its context for the attention slope, so larger frame counts are
 interpolated. A profile costs about one prefill per count plus one at twice the largest context.
 """
@@ -65,7 +67,8 @@ class CountMeasurement:
     rss_start_bytes: int
     rss_loaded_bytes: int
     peak_rss_bytes: int  # VmHWM after the prompt's prefill and decode steps, before any extension
-    activation_bytes: float  # peak - loaded - KV bytes of the context
+    vision_bytes: float  # peak of the vision phase (video, encoder, projector) - loaded
+    llm_bytes: float  # peak of the LLM phase (prefill + decode of the prompt) - loaded - KV bytes of the context
     max_position: int
     points: Dict[str, List[Tuple[float, float]]]  # POINT_NAMES -> (x, y)
     row: dict = field(default_factory=dict)  # the measured stage times at this count (plotted by `sfedge plan`)
@@ -130,9 +133,9 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     """One frame count in this (fresh) process; see the module docstring."""
     import torch
 
-    from sfedge.budget import DEFAULT_QUESTION, visual_token_counts
+    from sfedge.budget import DEFAULT_QUESTION
+    from sfedge.memory import RssSampler, StageMeter
     from sfedge.prompt import tokenize_prompt
-    from sfedge.runtime.sampling import Sampler, SamplingConfig
     from sfedge.runtime.stats import peak_rss_bytes
     from sfedge.runtime.video import load_video, preprocess
 
@@ -145,62 +148,44 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     session, config = pipeline.session, pipeline.config
     counts = tuple(session.frame_counts)
     parts = tokenize_prompt(pipeline.tokenizer, DEFAULT_QUESTION, config.prompt_template)
-
-    def embed_prompt():  # as Pipeline.prepare does: tokenize, then embed both text parts
-        prompt = tokenize_prompt(pipeline.tokenizer, DEFAULT_QUESTION, config.prompt_template)
-        return (session.embed(torch.tensor(prompt.before, dtype=torch.long)),
-                session.embed(torch.tensor(prompt.after, dtype=torch.long)))
-
-    (before, after), embed_ms = _median(embed_prompt, job.repeats)
-    sampler = Sampler(SamplingConfig())
-    one_token = torch.tensor([0], dtype=torch.long)
-    chunk = session.max_prefill_chunk
-    if session.backend == "eager":
-        _, slow, fast = visual_token_counts(config, max(job.frames))
-        chunk = max(1, min(chunk, EAGER_CHUNK, -(-(slow + fast + parts.text_tokens) // MIN_PREFILL_POINTS)))
-    generator = torch.Generator().manual_seed(job.seed)
-    filler = session.embed(torch.randint(0, config.llm.vocab_size, (chunk,), generator=generator))
-    kv_dtype = _kv_dtype(session)
-    kv_per_token = config.llm.kv_bytes_per_token(KV_BYTES_PER_VALUE.get(kv_dtype, 4))
-    for _ in range(2):  # warm the decoder up: a chunk, then single steps
-        session.decode(filler, 0)
-        for step in range(DECODE_STEPS):
-            session.decode(filler[:1], chunk + step)
-        session.reset()
     points: Dict[str, list] = {name: [] for name in POINT_NAMES}
-    position = 0
+    row: dict = {"frames": n}
+    with RssSampler() as sampler:
+        meter = StageMeter(sampler)
+        meter.begin()
+        visual = _vision_phase(job, pipeline, points, row, load_video, preprocess)
+        vision_peak = meter.end().peak_bytes
+        meter.begin()
+        llm = _llm_phase(job, pipeline, parts, visual, points, row)
+        llm_peak = meter.end().peak_bytes
+    peak = peak_rss_bytes()
+    _log(f"  {n} frames: encode {row['vision_encode_ms']:.1f} ms, prefill {row['context']} tokens "
+         f"{row['prefill_ms_to_here'] / 1e3:.1f} s, decode {row['decode_ms_per_token']:.2f} ms/token, peak RSS "
+         f"{peak / 2**20:.0f} MiB (vision phase {vision_peak / 2**20:.0f}, LLM phase {llm_peak / 2**20:.0f})")
+    row.update({"peak_rss_bytes": peak, "vision_peak_rss_bytes": vision_peak, "llm_peak_rss_bytes": llm_peak})
+    if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
+        llm.extend()
+    manifest = session.manifest
+    kv_dtype = _kv_dtype(session)
+    model = ProfiledModel(
+        label=source.label, preset=config.name, backend=session.backend,
+        recipe=manifest.recipe if manifest is not None and session.backend != "eager" else "fp32",
+        manifest_sha256=manifest_sha256(source.folder) if source.folder and session.backend != "eager" else "",
+        slowfast=config.slowfast.spec, max_context=session.max_context, prefill_chunk=llm.chunk,
+        encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype,
+        kv_bytes_per_token=llm.kv_per_token)
+    return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
+                            rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak, vision_bytes=vision_peak - rss_loaded,
+                            llm_bytes=llm_peak - rss_loaded - llm.kv_per_token * (row["context"] + DECODE_STEPS),
+                            max_position=llm.position, points=points, row=row)
 
-    def decode_here() -> float:
-        """DECODE_STEPS timed decode steps at the current position; one (position, median) point."""
-        nonlocal position
-        start, times = position, []
-        for _ in range(DECODE_STEPS):
-            # as generate() does per token: sample from the logits, embed the token, decode it
-            _, ms = _timed(lambda: sampler(session.decode(session.embed(one_token), position)))
-            times.append(ms)
-            position += 1
-        median = sorted(times)[len(times) // 2]
-        points["decode"].append((start + (DECODE_STEPS - 1) / 2, median))
-        return median
 
-    def prefill(embeds, until: int) -> float:
-        """Prefill from the current position up to ``until`` (``embeds`` from its start, or the filler chunk
-        where it is None); ms in total."""
-        nonlocal position
-        total, offset = 0.0, 0
-        while position < until:
-            take = min(chunk, until - position)
-            piece = filler[:take] if embeds is None else embeds[offset:offset + take]
-            _, ms = _timed(lambda: session.decode(piece, position))
-            points["prefill"].append((position + (take - 1) / 2, ms / take))
-            total += ms
-            position += take
-            offset += take
-        return total
+def _vision_phase(job: ProfileJob, pipeline, points: dict, row: dict, load_video, preprocess):
+    """Video decode + preprocess, the encoder call by call, the projector (where the export has one for this
+    count): the visual embeddings, or None (the prompt is then filler of the true length)."""
+    import torch
 
-    decode_here()  # the short-context end of the decode line, then the run starts over at position 0
-    session.reset()
-    position = 0
+    session, config, n = pipeline.session, pipeline.config, job.count
 
     def video():
         decoded = load_video(job.video, config.vision.frame_size, n)
@@ -213,49 +198,107 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     encode_calls: list = []
     features = pipeline.encode_frames(pixels, encode_calls)
     points["encode"].extend(encode_calls)
-    encode_total = sum(ms for _, ms in encode_calls)
-    row = {"frames": n, "video_ms": video_ms, "vision_encode_ms": encode_total, "embed_ms": embed_ms}
-    if not counts or n in counts:
-        visual, project_ms = _median(lambda: session.project(features), job.repeats)
-        points["projector"].append((n, project_ms))
-        row["projector_ms"] = project_ms
+    row.update({"video_ms": video_ms, "vision_encode_ms": sum(ms for _, ms in encode_calls)})
+    if session.frame_counts and n not in session.frame_counts:
+        return None
+    visual, project_ms = _median(lambda: session.project(features), job.repeats)
+    points["projector"].append((n, project_ms))
+    row["projector_ms"] = project_ms
+    return visual
+
+
+class _LlmPhase:
+    """The prompt's prefill in the export's chunks and decode steps, at a running cache position."""
+
+    def __init__(self, job: ProfileJob, pipeline, points: dict, text_tokens: int):
+        import torch
+
+        from sfedge.budget import visual_token_counts
+        from sfedge.runtime.sampling import Sampler, SamplingConfig
+
+        self.session, self.points, self.torch = pipeline.session, points, torch
+        config = pipeline.config
+        self.chunk = self.session.max_prefill_chunk
+        if self.session.backend == "eager":
+            _, slow, fast = visual_token_counts(config, max(job.frames))
+            self.chunk = max(1, min(self.chunk, EAGER_CHUNK, -(-(slow + fast + text_tokens) // MIN_PREFILL_POINTS)))
+        generator = torch.Generator().manual_seed(job.seed)
+        self.filler = self.session.embed(torch.randint(0, config.llm.vocab_size, (self.chunk,), generator=generator))
+        self.kv_per_token = config.llm.kv_bytes_per_token(KV_BYTES_PER_VALUE.get(_kv_dtype(self.session), 4))
+        self.sampler = Sampler(SamplingConfig())
+        self.position = 0
+
+    def warm_up(self) -> None:
+        for _ in range(2):  # a chunk, then single steps
+            self.session.decode(self.filler, 0)
+            for step in range(DECODE_STEPS):
+                self.session.decode(self.filler[:1], self.chunk + step)
+            self.session.reset()
+
+    def decode_here(self) -> float:
+        """DECODE_STEPS timed decode steps at the current position; one (position, median) point."""
+        one_token = self.torch.tensor([0], dtype=self.torch.long)
+        start, times = self.position, []
+        for _ in range(DECODE_STEPS):
+            # as generate() does per token: sample from the logits, embed the token, decode it
+            _, ms = _timed(lambda: self.sampler(self.session.decode(self.session.embed(one_token), self.position)))
+            times.append(ms)
+            self.position += 1
+        median = sorted(times)[len(times) // 2]
+        self.points["decode"].append((start + (DECODE_STEPS - 1) / 2, median))
+        return median
+
+    def prefill(self, embeds, until: int) -> float:
+        """From the current position up to ``until`` (``embeds`` from its start, or the filler chunk where it is
+        None); ms in total."""
+        total, offset = 0.0, 0
+        while self.position < until:
+            take = min(self.chunk, until - self.position)
+            piece = self.filler[:take] if embeds is None else embeds[offset:offset + take]
+            _, ms = _timed(lambda: self.session.decode(piece, self.position))
+            self.points["prefill"].append((self.position + (take - 1) / 2, ms / take))
+            total += ms
+            self.position += take
+            offset += take
+        return total
+
+    def extend(self) -> None:
+        target = min(2 * self.position, self.session.max_context - DECODE_STEPS)
+        self.prefill(None, target)
+        if self.position + DECODE_STEPS <= self.session.max_context:
+            self.decode_here()
+        _log(f"  prefill continued to position {self.position}")
+
+
+def _llm_phase(job: ProfileJob, pipeline, parts, visual, points: dict, row: dict) -> _LlmPhase:
+    """As Pipeline.prepare + generate: embed the text, splice, prefill, decode; the phase stays open for extend()."""
+    import torch
+
+    from sfedge.budget import visual_token_counts
+
+    session, n = pipeline.session, job.count
+    ids = lambda tokens: torch.tensor(tokens, dtype=torch.long)  # noqa: E731
+    (before, after), embed_ms = _median(lambda: (session.embed(ids(parts.before)), session.embed(ids(parts.after))), job.repeats)
+    row["embed_ms"] = embed_ms
+    if visual is not None:
         embeds = torch.cat([before, visual.to(before.dtype), after])  # as Pipeline.prepare splices the prompt
         context = embeds.shape[0]
-        del visual
-    else:  # no projector for this count in the export: the encoder is timed, the prompt is filler of the true length
-        _, slow, fast = visual_token_counts(config, n)
-        embeds = None
-        context = slow + fast + parts.text_tokens
-    del pixels, features  # the pipeline keeps only the prompt embeddings past this point
+    else:
+        _, slow, fast = visual_token_counts(pipeline.config, n)
+        embeds, context = None, slow + fast + parts.text_tokens
     if context + DECODE_STEPS > session.max_context:
-        raise SfedgeError(f"{source.label}: {n} frames need a context of {context + DECODE_STEPS} but the export holds "
+        raise SfedgeError(f"{job.source.label}: {n} frames need a context of {context + DECODE_STEPS} but the export holds "
                           f"{session.max_context}; profile fewer frames or re-export with a larger --max-context")
-    prefill_ms = prefill(embeds, context)
-    decode_ms = decode_here()
-    peak = peak_rss_bytes()
+    llm = _LlmPhase(job, pipeline, points, parts.text_tokens)
+    llm.warm_up()
+    llm.decode_here()  # the short-context end of the decode line, then the run starts over at position 0
+    session.reset()
+    llm.position = 0
+    prefill_ms = llm.prefill(embeds, context)
+    decode_ms = llm.decode_here()
     row.update({"visual_tokens": context - parts.text_tokens, "context": context, "prefill_ms_to_here": prefill_ms,
-                "decode_ms_per_token": decode_ms, "peak_rss_bytes": peak})
-    _log(f"  {n} frames: encode {encode_total:.1f} ms, prefill {context} tokens {prefill_ms / 1e3:.1f} s, decode "
-         f"{decode_ms:.2f} ms/token, peak RSS {peak / 2**20:.0f} MiB")
-    del embeds
-    if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
-        target = min(2 * position, session.max_context - DECODE_STEPS)
-        prefill(None, target)
-        if position + DECODE_STEPS <= session.max_context:
-            decode_here()
-        _log(f"  prefill continued to position {position}")
-    manifest = session.manifest
-    model = ProfiledModel(
-        label=source.label, preset=config.name, backend=session.backend,
-        recipe=manifest.recipe if manifest is not None and session.backend != "eager" else "fp32",
-        manifest_sha256=manifest_sha256(source.folder) if source.folder and session.backend != "eager" else "",
-        slowfast=config.slowfast.spec, max_context=session.max_context, prefill_chunk=chunk,
-        encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype,
-        kv_bytes_per_token=kv_per_token)
-    return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
-                            rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak,
-                            activation_bytes=peak - rss_loaded - kv_per_token * (context + DECODE_STEPS),
-                            max_position=position, points=points, row=row)
+                "decode_ms_per_token": decode_ms})
+    return llm
 
 
 def count_jobs(job: ProfileJob) -> List[ProfileJob]:
@@ -277,7 +320,7 @@ def fit_profile(job: ProfileJob, parts: List[CountMeasurement]) -> DeviceProfile
     if not points["projector"]:
         raise SfedgeError(f"{model.label}: none of --frames {','.join(str(p.row['frames']) for p in parts)} has a projector "
                           f"in this export (it has {','.join(map(str, model.frame_counts))}); include one of those")
-    activation = [(part.row["frames"], part.activation_bytes) for part in parts]
+    frames = [part.row["frames"] for part in parts]
     fits = {
         "video_ms": fit_linear(points["video"], "frames", "ms", nonnegative_slope=True),
         "encode_call_ms": fit_linear(points["encode"], "frames_per_call", "ms", nonnegative_slope=True),
@@ -285,7 +328,8 @@ def fit_profile(job: ProfileJob, parts: List[CountMeasurement]) -> DeviceProfile
         "embed_ms": fit_linear([(model.text_tokens, sum(p.row["embed_ms"] for p in parts) / len(parts))], "text_tokens", "ms"),
         "prefill_ms_per_token": fit_linear(points["prefill"], "position", "ms_per_token", True, "constant"),
         "decode_ms_per_token": fit_linear(points["decode"], "position", "ms_per_token", True, "constant"),
-        "activation_bytes": fit_linear(activation, "frames", "bytes"),
+        "vision_bytes": fit_linear(list(zip(frames, (p.vision_bytes for p in parts))), "frames", "bytes"),
+        "llm_bytes": fit_linear(list(zip(frames, (p.llm_bytes for p in parts))), "frames", "bytes"),
     }
     limits = job.limits or {}
     machine = Machine(cpu=cpu_model(), cores=_cores(), threads=parts[0].threads,
@@ -296,7 +340,7 @@ def fit_profile(job: ProfileJob, parts: List[CountMeasurement]) -> DeviceProfile
                          machine=machine, model=model, fits=fits,
                          rss_start_bytes=mean([p.rss_start_bytes for p in parts]),
                          rss_loaded_bytes=mean([p.rss_loaded_bytes for p in parts]),
-                         frames=tuple(p.row["frames"] for p in parts), max_position=max(p.max_position for p in parts),
+                         frames=tuple(frames), max_position=max(p.max_position for p in parts),
                          measured=tuple(p.row for p in parts), provenance=provenance())
 
 
