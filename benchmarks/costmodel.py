@@ -13,10 +13,12 @@ The model, stage by stage (x = what the stage's cost grows with):
 - prefill: ms per token at position p = a + b x p (the b term is attention over the cache), so a
   prompt of L tokens costs L a + b L (L - 1) / 2, whatever the chunking
 - decode: ms per token at position p = a + b x p; tok/s at context c = 1000 / (a + b c)
-- peak RSS = RSS after load + the larger of the two phases' needs: the vision phase (frames, pixels,
-  features, the projector's buffers: a + b x frames) and the LLM phase (KV bytes per token x context +
-  the prefill's buffers: a + b x frames). The KV bytes per token come from the manifest's kv_dtype;
-  both lines are fitted on each phase's measured peak in a fresh process per profiled count.
+- peak RSS = RSS before the folder is opened (interpreter + imports) + the larger of the two phases'
+  needs: the vision phase (artifacts loaded so far, frames, pixels, features, the projector's buffers:
+  a + b x frames) and the LLM phase (artifacts, KV bytes per token x context, the prefill's buffers:
+  a + b x frames). The KV bytes per token come from the manifest's kv_dtype; both lines are fitted on
+  each phase's measured peak in a fresh process per profiled count. (Not RSS after load: backends
+  load lazily and opening a folder has transient peaks, so that base varied by ~400 MB per process.)
 """
 from __future__ import annotations
 
@@ -283,7 +285,7 @@ def predict(profile: DeviceProfile, frames: int, visual_tokens: int, slowfast: s
     decode_total = prefill_ms(decode_fit, max(gen_tokens - 1, 0), prompt)
     vision_phase = max(fits["vision_bytes"](frames), 0.0)
     llm_phase = model.kv_bytes_per_token * context + max(fits["llm_bytes"](frames), 0.0)
-    peak = profile.rss_loaded_bytes + max(vision_phase, llm_phase)
+    peak = profile.rss_start_bytes + max(vision_phase, llm_phase)
     return Prediction(label=model.label, backend=model.backend, recipe=model.recipe, frames=frames, slowfast=slowfast,
                       visual_tokens=visual_tokens, prompt_tokens=prompt, stages_ms=stages, ttft_ms=sum(stages.values()),
                       decode_tokens_per_s=1000.0 / first_step, decode_ms=decode_total, peak_rss_bytes=int(peak),

@@ -84,8 +84,9 @@ def format_fits(profile) -> str:
     for name, fit in profile.fits.items():
         lines.append(f"| {name} | {fit.intercept:.4g} | {fit.slope:.4g} | {fit.x} | {len(fit.points)} | "
                      f"{fit.x_min:g}-{fit.x_max:g} | {fit.rms_residual:.3g} ({fit.relative_rms:.0%}){' ' + fit.note if fit.note else ''} |")
-    lines.append(f"resident after load {profile.resident_bytes / 2**20:.0f} MiB, KV {profile.model.kv_bytes_per_token} "
-                 f"bytes/token ({profile.model.kv_dtype}), positions measured up to {profile.max_position}")
+    lines.append(f"base (interpreter + imports) {profile.rss_start_bytes / 2**20:.0f} MiB, resident after opening the folder "
+                 f"{profile.resident_bytes / 2**20:.0f} MiB, KV {profile.model.kv_bytes_per_token} bytes/token "
+                 f"({profile.model.kv_dtype}), positions measured up to {profile.max_position}")
     return "\n".join(lines)
 
 

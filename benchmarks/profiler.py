@@ -67,8 +67,8 @@ class CountMeasurement:
     rss_start_bytes: int
     rss_loaded_bytes: int
     peak_rss_bytes: int  # VmHWM after the prompt's prefill and decode steps, before any extension
-    vision_bytes: float  # peak of the vision phase (video, encoder, projector) - loaded
-    llm_bytes: float  # peak of the LLM phase (prefill + decode of the prompt) - loaded - KV bytes of the context
+    vision_bytes: float  # peak of the vision phase (video, encoder, projector) - rss_start
+    llm_bytes: float  # peak of the LLM phase (prefill + decode of the prompt) - rss_start - KV bytes of the context
     max_position: int
     points: Dict[str, List[Tuple[float, float]]]  # POINT_NAMES -> (x, y)
     row: dict = field(default_factory=dict)  # the measured stage times at this count (plotted by `sfedge plan`)
@@ -134,7 +134,7 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     import torch
 
     from sfedge.budget import DEFAULT_QUESTION
-    from sfedge.memory import RssSampler, StageMeter
+    from sfedge.memory import RssSampler, StageMeter, current_rss
     from sfedge.prompt import tokenize_prompt
     from sfedge.runtime.stats import peak_rss_bytes
     from sfedge.runtime.video import load_video, preprocess
@@ -142,9 +142,9 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     if job.threads:
         torch.set_num_threads(job.threads)
     n, source = job.count, job.source
-    rss_start = peak_rss_bytes()
+    rss_start = peak_rss_bytes()  # the interpreter and its imports: the base both phases' peaks are measured from
     pipeline = _pipeline(job)
-    rss_loaded = peak_rss_bytes()
+    rss_loaded = current_rss()  # informational: what opening the folder left resident (lazy backends load more later)
     session, config = pipeline.session, pipeline.config
     counts = tuple(session.frame_counts)
     parts = tokenize_prompt(pipeline.tokenizer, DEFAULT_QUESTION, config.prompt_template)
@@ -175,8 +175,8 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
         encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype,
         kv_bytes_per_token=llm.kv_per_token)
     return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
-                            rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak, vision_bytes=vision_peak - rss_loaded,
-                            llm_bytes=llm_peak - rss_loaded - llm.kv_per_token * (row["context"] + DECODE_STEPS),
+                            rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak, vision_bytes=vision_peak - rss_start,
+                            llm_bytes=llm_peak - rss_start - llm.kv_per_token * (row["context"] + DECODE_STEPS),
                             max_position=llm.position, points=points, row=row)
 
 

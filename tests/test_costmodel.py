@@ -75,7 +75,7 @@ def _count_part(frames, model, rss_loaded=1500 << 20, extend=False):
     positions = [p + 0.5 for p in range(0, 2 * context if extend else context, 128)]
     vision = TRUE["vision_mem"][0] + TRUE["vision_mem"][1] * frames
     llm = TRUE["llm_mem"][0] + TRUE["llm_mem"][1] * frames
-    peak = rss_loaded + max(vision, model.kv_bytes_per_token * (context + 8) + llm)
+    peak = (100 << 20) + max(vision, model.kv_bytes_per_token * (context + 8) + llm)  # from rss_start
     points = {"video": _line("video", [frames]), "encode": _line("encode", [1] * frames),
               "projector": _line("projector", [frames]), "prefill": _line("prefill", positions),
               "decode": _line("decode", [3.5, context + 3.5] + ([2 * context + 3.5] if extend else []))}
@@ -123,10 +123,10 @@ def test_prediction_adds_up_the_stages():
     assert p.ttft_ms == pytest.approx(sum(p.stages_ms.values()))
     assert p.decode_tokens_per_s == pytest.approx(1000 / (20.0 + 0.002 * 840))
     # peak = loaded + the larger phase: here the LLM's (KV of 872 positions + its buffers) ...
-    assert p.peak_rss_bytes == pytest.approx((1500 << 20) + 57344 * 872 + 300e6 + 1e6 * 16, rel=1e-6)
+    assert p.peak_rss_bytes == pytest.approx((100 << 20) + 57344 * 872 + 300e6 + 1e6 * 16, rel=1e-6)
     # ... and at 128 frames with a short prompt the vision phase's (frames, features, projector)
     short = predict(profile, frames=128, visual_tokens=100, slowfast="s", text_tokens=40, gen_tokens=1)
-    assert short.peak_rss_bytes == pytest.approx((1500 << 20) + 50e6 + 9e6 * 128, rel=1e-6)
+    assert short.peak_rss_bytes == pytest.approx((100 << 20) + 50e6 + 9e6 * 128, rel=1e-6)
     static = dataclasses.replace(profile, model=dataclasses.replace(profile.model, encoder_batch=4))
     assert predict(static, 10, 800, "s").stages_ms["vision_encode"] == pytest.approx(3 * (3.0 + 40.0 * 4))  # 3 padded calls
 
