@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "counts and half the first; a preset: 4,16) and write it here, instead of the cases")
     group.add_argument("--validate", metavar="PROFILE",
                        help="run the cases, then print predicted (from PROFILE) vs measured per stage with the error in %%")
+    group.add_argument("--results", metavar="BENCH_JSON",
+                       help="with --validate: compare the profile with the stored results of an earlier run (its --plot DIR's "
+                            "bench.json, or --output json) instead of running the cases")
     group.add_argument("--ray", nargs="?", const="local", metavar="auto|ADDRESS",
                        help="run each case as a Ray task in a fresh worker (local instance without a value; 'auto' or "
                             "HOST:PORT joins a cluster); needs pip install 'sfedge[ray]'")
@@ -99,6 +102,29 @@ def load_validation_profile(args: argparse.Namespace):
 
 
 # --- --validate ------------------------------------------------------------------------------------
+
+def validate_stored(args: argparse.Namespace) -> int:
+    """``--validate PROFILE --results BENCH_JSON``: the validation table of stored runs (no case is run)."""
+    from sfedge.benchmarks.costmodel import load_profile
+    from sfedge.benchmarks.runner import load_document
+
+    if not args.validate:
+        raise UsageError("--results needs --validate PROFILE")
+    if args.artifacts or args.model:
+        raise UsageError("--results validates stored runs: pass no DIR or --model")
+    profile = load_profile(args.validate)
+    document = load_document(args.results)
+    for record in document["results"]:
+        if record.get("status") != "ok":
+            continue
+        model, measured = record["model"], profile.model
+        ran = (model["preset"], model["backend"], model.get("recipe") or "fp32")
+        if ran != (measured.preset, measured.backend, measured.recipe):
+            raise SfedgeError(f"{args.results}: case {record['key']} ran {' '.join(ran)}, but {args.validate} was measured on "
+                              f"{measured.preset} {measured.backend} {measured.recipe}")
+    print(validation_table(profile, args.validate, document))
+    return 0
+
 
 def check_profile_applies(profile, path: str, sources) -> None:
     from sfedge.benchmarks.costmodel import check_applies_to_folder, check_applies_to_preset

@@ -229,3 +229,12 @@ def test_profile_and_validate_tiny_onnx(tiny_onnx, demo_video, tmp_path, capsys)
     table = capsys.readouterr().out
     for stage in ("vision_encode", "prefill", "TTFT", "decode", "peak RSS"):
         assert f"| tiny_onnx_fp32 f8+tg8+t1 | {stage} |" in table
+    # the same table from the stored results, without running anything; a profile of another model is refused
+    assert main(["bench", "--validate", str(path), "--results", str(tmp_path / "b.json")]) == 0
+    stored = capsys.readouterr().out
+    assert stored.strip() and stored.strip() in table
+    other = tmp_path / "other.json"
+    other.write_text(synthetic_profile().to_json())
+    assert main(["bench", "--validate", str(other), "--results", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran tiny onnx fp32, but" in err[0] and "sf-llava-1.5-1b executorch 8da4w" in err[0]

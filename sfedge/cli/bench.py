@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from sfedge.benchmarks.runner import load_document, run_sweep
     from sfedge.runtime.video import make_demo_video
 
+    if args.results:
+        return costmodel_bench.validate_stored(args)
     _check(args)
     profile = costmodel_bench.load_validation_profile(args)
     threshold = parse_threshold(args.max_regression)
