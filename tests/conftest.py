@@ -3,6 +3,9 @@ session. Nothing is downloaded."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,19 @@ TINY_CUT_CONFIG = _TINY.replace(vision=dataclasses.replace(_TINY.vision, depth=1
 # and (fp32) an extra 4-frame projector. test_executorch.py and test_profile.py share that fp32 folder.
 EXECUTORCH_OPTIONS = dict(max_context=128, prefill_chunk=32, encoder_batch=2)
 EXECUTORCH_EXTRA_FRAMES = (4,)
+# ... except fp32-prefix (sfedge's decode kernel): two LLM layers and a 320-slot cache, so that decoding crosses the
+# kernel's 256-position blocks. test_executorch.py's parity and test_executorch_decode.py share that folder.
+PREFIX_CONFIG = TINY_CUT_CONFIG.replace(llm=dataclasses.replace(TINY_CUT_CONFIG.llm, layers=2))
+PREFIX_OPTIONS = dict(EXECUTORCH_OPTIONS, max_context=320)
+# pytest-xdist (--dist loadgroup): the tests that read one export run on one worker, one after the other, instead of
+# a second worker waiting for the first to make it (see export_once)
+PREFIX_EXPORT_GROUP = pytest.mark.xdist_group("executorch_fp32_prefix")
+
+
+def pytest_configure(config):
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # pytest-xdist: the workers share the cores; one torch thread each on 2 cores with -n 2
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
 
 
 @pytest.fixture(scope="session")
@@ -40,17 +56,28 @@ def demo_video(tmp_path_factory):
     return make_demo_video(tmp_path_factory.mktemp("video") / "demo.mp4", seconds=2.0, fps=12, size=96)
 
 
+def _export_root(tmp_path_factory) -> Path:
+    """Where export_once puts its folders: this session's base temp, or under pytest-xdist (``-n 2``) the run's
+    folder that every worker shares, so that each export is made by one worker and reused by the others."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "exports"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def export_once(tmp_path_factory):
     """``export_once(backend, recipe="fp32", config=None, **options)`` -> the folder of that export of the
     tiny preset (or ``config``) with seeded weights (seed 0), named ``<preset>_<backend>_<recipe>``.
 
-    Each distinct set of arguments is exported once per session and the folder is shared by every test
-    that asks for it, so it is READ ONLY: a test that changes a file copies it first
+    Each distinct set of arguments is exported once per run and the folder is shared by every test (and,
+    under pytest-xdist, every worker: the first to ask exports while holding a lock on that export, the others
+    wait for it) that asks for it, so it is READ ONLY: a test that changes a file copies it first
     (``shutil.copytree(folder, tmp_path / "copy")``; a tiny folder copies in milliseconds). Tests that
     use it lower or convert a real export: mark them ``@pytest.mark.slow``."""
     from sfedge.export.api import ExportOptions, export_model
 
+    root = _export_root(tmp_path_factory)
     made: dict = {}
 
     def get(backend: str, recipe: str = "fp32", config=None, **options) -> Path:
@@ -58,8 +85,13 @@ def export_once(tmp_path_factory):
         export_options = ExportOptions(backend=backend, recipe=recipe, show_progress=False, **options)
         key = (repr(config), repr(export_options))  # an option given at its default is the same export
         if key not in made:
-            folder = tmp_path_factory.mktemp(f"{backend}_{recipe}") / f"{config.name}_{backend}_{recipe}"
-            export_model(config, WeightsSource(seed=0), export_options, folder)
+            name = f"{backend}_{recipe}_{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}"
+            folder = root / name / f"{config.name}_{backend}_{recipe}"
+            folder.parent.mkdir(exist_ok=True)
+            with open(root / f"{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or its process dies)
+                if not (folder / "manifest.json").is_file():  # export_model writes the folder atomically
+                    export_model(config, WeightsSource(seed=0), export_options, folder)
             made[key] = folder
         return made[key]
 
@@ -80,10 +112,13 @@ def tiny_onnx(export_once):
 
 @pytest.fixture(scope="session")
 def executorch_export(export_once):
-    """recipe -> the ExecuTorch export of TINY_CUT_CONFIG with EXECUTORCH_OPTIONS (shared, read only)."""
+    """recipe -> the ExecuTorch export of TINY_CUT_CONFIG with EXECUTORCH_OPTIONS, fp32-prefix of PREFIX_CONFIG with
+    PREFIX_OPTIONS (shared, read only)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
     def get(recipe: str) -> Path:
+        if recipe == "fp32-prefix":
+            return export_once("executorch", recipe, config=PREFIX_CONFIG, **PREFIX_OPTIONS)
         return export_once("executorch", recipe, config=TINY_CUT_CONFIG, **EXECUTORCH_OPTIONS,
                            extra_frames=EXECUTORCH_EXTRA_FRAMES if recipe == "fp32" else ())
 

@@ -273,9 +273,10 @@ def _tree(folder: Path) -> set:
 
 
 def _param(row: Row):
-    """Rows that need the tiny ONNX export ({art}) belong to the slow tier (the export is made once per session)."""
+    """Rows that need the tiny ONNX export ({art}) belong to the slow tier (the export is made once per session;
+    under pytest-xdist they run on one worker, which makes it)."""
     needs_export = any("{art}" in arg for arg in row.argv)
-    return pytest.param(row, id=row.id, marks=[pytest.mark.slow] if needs_export else [])
+    return pytest.param(row, id=row.id, marks=[pytest.mark.slow, pytest.mark.xdist_group("tiny_onnx")] if needs_export else [])
 
 
 @pytest.mark.parametrize("row", [_param(row) for row in ROWS])

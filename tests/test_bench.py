@@ -17,6 +17,8 @@ from sfedge.errors import UsageError
 
 # threads 1: stable timings on a shared 2-core machine; gen 8 -> 7 decode steps per repetition
 COMMON = ["--model", "tiny", "--gen-tokens", "8", "--threads", "1"]
+# under pytest-xdist (--dist loadgroup) the module runs on one worker: its smoke sweep and gate baseline are made once
+pytestmark = pytest.mark.xdist_group("bench")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_CUT_CONFIG
+from conftest import EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS, TINY_CUT_CONFIG
 from sfedge.errors import SfedgeError
 from sfedge.runtime.pipeline import Pipeline
 from sfedge.runtime.sampling import SamplingConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chat_exports")]  # pytest-xdist: on one worker
 
-LONG_Q = "What happens in the video? Describe every object, its colour and where it moves, from the first frame to the last."
+# 39 prompt tokens (two prefill chunks of 32) after the 68 of the video prefix: with 6 new tokens, 113 of the 128 slots
+LONG_Q = "What happens in the video? Describe every object and where it moves."
 SHORT_Q = "Where is the square?"
 SAMPLED = SamplingConfig(temperature=2.0, seed=3)
-MAX_CONTEXT, CHUNK = 192, 32
+MAX_CONTEXT, CHUNK = EXECUTORCH_OPTIONS["max_context"], EXECUTORCH_OPTIONS["prefill_chunk"]
 TOLERANCE = 1e-3  # fp32 exports against eager (the parity checks' fp32 tolerance is of this order)
 BACKENDS = {"onnx": "onnx", "executorch": "executorch.runtime"}
 
@@ -25,9 +26,12 @@ BACKENDS = {"onnx": "onnx", "executorch": "executorch.runtime"}
 @pytest.fixture(scope="module")
 def folders(export_once):
     """backend -> its fp32 export of the tiny preset cut to one LLM layer and one vision block (half the
-    lowering time of the full tiny; a chat needs no more): made once per session, read only."""
+    lowering time of the full tiny; a chat needs no more), 128 cache slots, prefill chunks of 32: made once per
+    session, read only. The ExecuTorch one is test_executorch.py's fp32 folder (encoder batch 2, a 4-frame projector)."""
     def get(backend: str) -> Path:
         pytest.importorskip(BACKENDS[backend], reason=f"the {backend} extra is not installed")
+        if backend == "executorch":  # the arguments of conftest's executorch_export("fp32")
+            return export_once(backend, config=TINY_CUT_CONFIG, **EXECUTORCH_OPTIONS, extra_frames=EXECUTORCH_EXTRA_FRAMES)
         return export_once(backend, config=TINY_CUT_CONFIG, max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
 
     return get

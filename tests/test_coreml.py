@@ -17,32 +17,25 @@ pytest.importorskip("coremltools")
 
 from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import SfedgeError, UsageError  # noqa: E402
-from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import Component, read_manifest, verify_artifacts  # noqa: E402
 from sfedge.models import WeightsSource, build_model  # noqa: E402
 from sfedge.quantize.coreml import INT4, INT8, PALETTIZE4, check_target  # noqa: E402
 from sfedge.quantize.recipes import INT4_TOLERANCE, Recipe, get_recipe, uniform  # noqa: E402
 
 MAX_CONTEXT, CHUNK = 128, 16
+FOLDERS_GROUP = pytest.mark.xdist_group("coreml_fp16_int4")  # pytest-xdist: one worker makes and reads the two exports
 ON_MACOS = sys.platform == "darwin"
 
 
-def _export(tmp_path_factory, backend: str, recipe: str) -> Path:
-    out = tmp_path_factory.mktemp(f"{backend}_{recipe}") / "artifact"
-    export_model(get_preset("tiny"), WeightsSource(seed=0),
-                 ExportOptions(backend=backend, recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                               show_progress=False), out)
-    return out
+@pytest.fixture(scope="module")
+def fp16_folder(export_once):
+    """The tiny preset's Core ML fp16 export (conftest's export_once: made once per run, read only)."""
+    return export_once("coreml", "fp16", max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
 
 
 @pytest.fixture(scope="module")
-def fp16_folder(tmp_path_factory):
-    return _export(tmp_path_factory, "coreml", "fp16")
-
-
-@pytest.fixture(scope="module")
-def int4_folder(tmp_path_factory):
-    return _export(tmp_path_factory, "coreml", "int4")
+def int4_folder(export_once):
+    return export_once("coreml", "int4", max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +79,7 @@ def _blob_offsets(path: Path) -> dict:
 
 
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_llm_package_is_one_multifunction_stateful_model(fp16_folder):
     config = get_preset("tiny").llm
     manifest = read_manifest(fp16_folder)
@@ -116,6 +110,7 @@ def test_llm_package_is_one_multifunction_stateful_model(fp16_folder):
 
 
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_weights_are_stored_once_across_functions(fp16_folder):
     offsets = _blob_offsets(fp16_folder / "llm.mlpackage")
     # prefill and decode read the same linear weights; embed's table is lm_head's (tied embeddings)
@@ -128,6 +123,7 @@ def test_weights_are_stored_once_across_functions(fp16_folder):
 
 
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_static_packages_spec(fp16_folder):
     config = get_preset("tiny")
     manifest = read_manifest(fp16_folder)
@@ -142,6 +138,7 @@ def test_static_packages_spec(fp16_folder):
 
 
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_int4_recipe_is_really_applied(fp16_folder, int4_folder):
     manifest = read_manifest(int4_folder)
     decoder = manifest.component(Component.TEXT_DECODER).quantization
@@ -159,6 +156,7 @@ def test_int4_recipe_is_really_applied(fp16_folder, int4_folder):
 @pytest.mark.parametrize("scheme, op", [(INT8, "constexpr_blockwise_shift_scale"), (PALETTIZE4, "constexpr_lut_to_dense"),
                                         (INT4, "constexpr_blockwise_shift_scale")])
 @pytest.mark.slow
+@pytest.mark.xdist_group("coreml_prefill_mlmodel")  # one worker converts the module's prefill_mlmodel once
 def test_compression_ops_and_size(prefill_mlmodel, tmp_path, scheme, op):
     from collections import Counter
 
@@ -216,6 +214,7 @@ def test_masked_cache_swap_matches_eager_with_padding():
 
 @pytest.mark.skipif(ON_MACOS, reason="on macOS the session runs; see test_parity_on_macos")
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_session_refuses_on_linux_with_the_alternative(fp16_folder):
     from sfedge.runtime.sessions import open_session
 
@@ -226,6 +225,7 @@ def test_session_refuses_on_linux_with_the_alternative(fp16_folder):
 
 @pytest.mark.skipif(not ON_MACOS, reason="Core ML prediction (and MLState) needs macOS 15+")
 @pytest.mark.slow
+@FOLDERS_GROUP
 def test_parity_on_macos(fp16_folder, int4_folder):
     from sfedge.runtime.parity import run_parity
 
@@ -235,11 +235,11 @@ def test_parity_on_macos(fp16_folder, int4_folder):
 
 
 @pytest.mark.slow
-def test_executorch_coreml_pte_delegates_every_method(tmp_path_factory):
+def test_executorch_coreml_pte_delegates_every_method(export_once):
     pytest.importorskip("executorch")
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    folder = _export(tmp_path_factory, "executorch-coreml", "fp16")
+    folder = export_once("executorch-coreml", "fp16", max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest)
     program = deserialize_pte_binary((folder / "model.pte").read_bytes()).program

@@ -19,7 +19,7 @@ from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 import sfedge.export.executorch as et_export  # noqa: E402  (registers the exporter and the recipes)
-from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS  # noqa: E402
+from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS, PREFIX_EXPORT_GROUP  # noqa: E402
 
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
@@ -53,16 +53,17 @@ def test_recipes_registered():
     assert set(RECIPES) == EXPECTED_RECIPES
 
 
-def _quantized_eager(recipe: str) -> EagerSession:
-    """The eager model quantized in place with the recipe (torchao): the reference that isolates the export."""
-    model = build_model(CONFIG, WeightsSource(seed=0), MAX_CONTEXT)
+def _quantized_eager(folder: Path, recipe: str) -> EagerSession:
+    """The folder's eager model quantized in place with the recipe (torchao): the reference that isolates the export."""
+    session = EagerSession.open(folder, read_manifest(folder), SessionOptions())
     for component in Component:
-        quantize_component(getattr(model, component.value), component.value,
+        quantize_component(getattr(session.model, component.value), component.value,
                            get_recipe("executorch", recipe).scheme(component))
-    return EagerSession(model)
+    return session
 
 
-@pytest.mark.parametrize("recipe", [name for name in RECIPES if name not in ALIASES])
+@pytest.mark.parametrize("recipe", [pytest.param(name, marks=PREFIX_EXPORT_GROUP) if name == "fp32-prefix" else name
+                                    for name in RECIPES if name not in ALIASES])
 @pytest.mark.slow
 def test_parity_per_recipe(executorch_export, recipe: str):
     exported = executorch_export(recipe)
@@ -75,7 +76,7 @@ def test_parity_per_recipe(executorch_export, recipe: str):
     if recipe != "fp32":
         # Top-1 against fp32 measures torchao's quantization error on random weights (reported above);
         # top-1 against the same recipe applied in eager PyTorch measures what the export adds.
-        rows, summary = compare_sessions(_quantized_eager(recipe), open_session(exported),
+        rows, summary = compare_sessions(_quantized_eager(exported, recipe), open_session(exported),
                                          Tolerance(min_cosine=0.999), steps=16)
         print(f"vs eager {recipe}: " + ", ".join(f"{r.component} max abs {r.max_abs:.3g} cos {r.cosine:.6f}" for r in rows)
               + f"; top-1 {summary['top1_agreement']:.1%}")

@@ -11,7 +11,6 @@ Tolerances (max abs difference, logits ~N(0, 1)): float32 1e-4, bfloat16 cache 1
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,8 @@ from torch import nn
 
 pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
-from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import UsageError  # noqa: E402
 from sfedge.export import executorch_kernels  # noqa: E402
-from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.export.executorch_kernels import define_ops, load_kernels, reference_decode_attention  # noqa: E402
 from sfedge.export.executorch_llm import flat_from_position, use_custom_ops, set_attention_mode  # noqa: E402
 from sfedge.manifest import Component, read_manifest  # noqa: E402
@@ -33,11 +30,11 @@ from sfedge.quantize.recipes import get_recipe  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 import sfedge.export.executorch  # noqa: E402,F401  (registers the exporter and the recipes)
+from conftest import PREFIX_CONFIG, PREFIX_EXPORT_GROUP, PREFIX_OPTIONS  # noqa: E402
 
-TINY = get_preset("tiny")
-CONFIG = TINY.replace(vision=dataclasses.replace(TINY.vision, depth=1),
-                      llm=dataclasses.replace(TINY.llm, layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32,
-                                              intermediate=256))
+# The tiny preset cut to one vision block, with two LLM layers of width 128 (4 query heads over 2 kv heads of 32):
+# the config of the shared fp32-prefix export (tests/conftest.py), which test_executorch.py's parity also runs on.
+CONFIG = PREFIX_CONFIG
 HIDDEN = CONFIG.llm.hidden
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-1}
 
@@ -139,15 +136,14 @@ def test_kernel_matches_reference(heads, kv_heads, dim, kv_dtype):
 
 
 @pytest.fixture(scope="module")
-def prefix_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("et_prefix") / "tiny_fp32_prefix"
-    options = ExportOptions(backend="executorch", recipe="fp32-prefix", max_context=320, prefill_chunk=32,
-                            encoder_batch=2, show_progress=False)
-    export_model(CONFIG, WeightsSource(seed=0), options, folder)
-    return folder
+def prefix_folder(executorch_export) -> Path:
+    """fp32-prefix of CONFIG with a 320-slot cache, prefill chunks of 32 (conftest.py's PREFIX_OPTIONS): shared, read only."""
+    assert (PREFIX_OPTIONS["max_context"], PREFIX_OPTIONS["prefill_chunk"]) == (320, 32)  # what the plans below assume
+    return executorch_export("fp32-prefix")
 
 
 @pytest.mark.slow
+@PREFIX_EXPORT_GROUP
 def test_prefix_decode_method_matches_eager(prefix_folder):
     """fp32-prefix: prefill through text_decoder (causal), every decode step through text_decoder_flat (sfedge's
     kernel) on the same KV cache, across the kernel's 256-position blocks; then a rewind (a new, shorter prompt
@@ -171,6 +167,7 @@ def test_prefix_decode_method_matches_eager(prefix_folder):
 
 
 @pytest.mark.slow
+@PREFIX_EXPORT_GROUP
 def test_decode_context_command(prefix_folder, capsys):
     from sfedge.benchmarks import decode_context
 

@@ -22,6 +22,7 @@ from sfedge.models import WeightsSource  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 
 LAYOUTS = ["gqa-inplace", "past-present"]
+pytestmark = pytest.mark.xdist_group("onnx_gqa")  # pytest-xdist: one worker makes the module's two exports
 MAX_CONTEXT, CHUNK, TOL = 128, 32, 1e-4
 
 
