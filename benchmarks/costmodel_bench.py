@@ -112,8 +112,8 @@ def validate_stored(args: argparse.Namespace) -> int:
         raise UsageError("--results needs --validate PROFILE")
     if args.artifacts or args.model:
         raise UsageError("--results validates stored runs: pass no DIR or --model")
-    profile = load_profile(args.validate)
     document = load_document(args.results)
+    profile = load_profile(args.validate)
     for record in document["results"]:
         if record.get("status") != "ok":
             continue

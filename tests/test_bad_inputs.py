@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sfedge.benchmarks.runner import SCHEMA as BENCH_SCHEMA
 from sfedge.cli import main
 from sfedge.config import TINY_LLM
 from sfedge.runtime.video import make_demo_video
@@ -97,6 +98,9 @@ def bad(tmp_path_factory, demo_video):
                "mm_projector.2.weight": torch.zeros(64, 64), "mm_projector.2.bias": torch.zeros(64)},
               str(root / "projector_wrong_shape.safetensors"))
     (root / "vision_empty").mkdir()
+    # device profiles and stored benchmark results (sfedge bench --validate / --results, sfedge plan)
+    (root / "profile_v1.json").write_text(json.dumps({"schema": "sfedge-device-profile/1", "fits": {}}))
+    (root / "bench.json").write_text(json.dumps({"schema": BENCH_SCHEMA, "results": []}))
     return root
 
 
@@ -220,6 +224,21 @@ ROWS = [
     Row("budget-max-new-tokens-negative", ("budget", "--model", "tiny", "--max-new-tokens", "-1"), 2, "--max-new-tokens"),
     Row("budget-context-zero", ("budget", "--model", "tiny", "--context", "0"), 2, "argument --context"),
     Row("budget-prompt-not-utf8", ("budget", "--model", "tiny", "--prompt", "\udcff"), 2, "not valid UTF-8"),
+    # device profiles and stored results (docs/cost_model.md)
+    Row("bench-validate-profile-missing", ("bench", "--model", "tiny", "--validate", "MISSING.json"), 1,
+        "cannot read device profile MISSING.json"),
+    Row("bench-validate-profile-not-json", ("bench", "--model", "tiny", "--validate", "{bad}/notes.txt"), 1, "is not valid JSON"),
+    Row("bench-validate-profile-old-schema", ("bench", "--validate", "{bad}/profile_v1.json", "--results", "{bad}/bench.json"), 1,
+        "another format (sfedge-device-profile/1"),
+    Row("bench-results-without-validate", ("bench", "--results", "{bad}/bench.json"), 2, "--results needs --validate PROFILE"),
+    Row("bench-results-with-folder", ("bench", "{bad}", "--validate", "{bad}/profile_v1.json", "--results", "{bad}/bench.json"), 2,
+        "pass no DIR or --model"),
+    Row("bench-results-missing", ("bench", "--validate", "{bad}/profile_v1.json", "--results", "MISSING.json"), 1,
+        "cannot read benchmark results MISSING.json"),
+    Row("bench-results-not-json", ("bench", "--validate", "{bad}/profile_v1.json", "--results", "{bad}/notes.txt"), 1,
+        "is not valid JSON"),
+    Row("plan-profile-old-schema", ("plan", "--profile", "{bad}/profile_v1.json", "--no-plot"), 1,
+        "another format (sfedge-device-profile/1"),
     # names
     Row("preset-unknown", ("run", "--model", "sf-llava-9b") + RUN[3:], 2, "unknown model preset 'sf-llava-9b'"),
     Row("budget-preset-unknown", ("budget", "--model", "tiny2"), 2, "unknown model preset 'tiny2'"),
