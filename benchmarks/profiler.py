@@ -166,13 +166,12 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
     if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
         llm.extend()
     manifest = session.manifest
-    kv_dtype = _kv_dtype(session)
     model = ProfiledModel(
         label=source.label, preset=config.name, backend=session.backend,
         recipe=manifest.recipe if manifest is not None and session.backend != "eager" else "fp32",
         manifest_sha256=manifest_sha256(source.folder) if source.folder and session.backend != "eager" else "",
         slowfast=config.slowfast.spec, max_context=session.max_context, prefill_chunk=llm.chunk,
-        encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=kv_dtype,
+        encoder_batch=session.encoder_batch or 0, frame_counts=counts, text_tokens=parts.text_tokens, kv_dtype=llm.kv_dtype,
         kv_bytes_per_token=llm.kv_per_token)
     return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
                             rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak, vision_bytes=vision_peak - rss_start,
@@ -216,7 +215,8 @@ class _LlmPhase:
         from sfedge.budget import visual_token_counts
         from sfedge.runtime.sampling import Sampler, SamplingConfig
 
-        self.session, self.points, self.torch = pipeline.session, points, torch
+        self.session, self.points = pipeline.session, points
+        self.one_token = torch.tensor([0], dtype=torch.long)
         config = pipeline.config
         self.chunk = self.session.max_prefill_chunk
         if self.session.backend == "eager":
@@ -224,7 +224,8 @@ class _LlmPhase:
             self.chunk = max(1, min(self.chunk, EAGER_CHUNK, -(-(slow + fast + text_tokens) // MIN_PREFILL_POINTS)))
         generator = torch.Generator().manual_seed(job.seed)
         self.filler = self.session.embed(torch.randint(0, config.llm.vocab_size, (self.chunk,), generator=generator))
-        self.kv_per_token = config.llm.kv_bytes_per_token(KV_BYTES_PER_VALUE.get(_kv_dtype(self.session), 4))
+        self.kv_dtype = _kv_dtype(self.session)
+        self.kv_per_token = config.llm.kv_bytes_per_token(KV_BYTES_PER_VALUE.get(self.kv_dtype, 4))
         self.sampler = Sampler(SamplingConfig())
         self.position = 0
 
@@ -237,11 +238,10 @@ class _LlmPhase:
 
     def decode_here(self) -> float:
         """DECODE_STEPS timed decode steps at the current position; one (position, median) point."""
-        one_token = self.torch.tensor([0], dtype=self.torch.long)
         start, times = self.position, []
         for _ in range(DECODE_STEPS):
             # as generate() does per token: sample from the logits, embed the token, decode it
-            _, ms = _timed(lambda: self.sampler(self.session.decode(self.session.embed(one_token), self.position)))
+            _, ms = _timed(lambda: self.sampler(self.session.decode(self.session.embed(self.one_token), self.position)))
             times.append(ms)
             self.position += 1
         median = sorted(times)[len(times) // 2]
