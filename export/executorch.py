@@ -32,7 +32,7 @@ from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, q
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
-from sfedge.export.executorch_llm import FLAT_METHODS, METHOD_DECODE_FLAT, flat_from_position, set_attention_mode, use_custom_ops
+from sfedge.export.executorch_llm import FLAT_METHODS, METHOD_DECODE_FLAT, MODE_OPS, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
@@ -181,8 +181,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     example = min(2, chunk)
     kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
     with progress.stage(Component.TEXT_DECODER.value, "trace"):
-        flat_method = FLAT_METHODS.get(attention)  # two methods: causal text_decoder + a T = 1 flat decode method
-        use_custom_ops(model.text_decoder, "causal" if flat_method else attention, kv_dtype)
+        flat_method = FLAT_METHODS.get(attention)  # two methods: text_decoder (prefill) + a T = 1 flat decode method
+        use_custom_ops(model.text_decoder, flat_method.prefill if flat_method else attention, kv_dtype)
         programs = {
             METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
                                            ({1: tokens},)),
@@ -210,7 +210,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
         folder, Component.TEXT_DECODER.value, file,
         [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
         [TensorSpec("logits", [1, llm.vocab_size], "float32")], decoder_q, METHOD_TEXT_DECODER,
-        attention=f"llama.update_cache + llama.custom_sdpa ({attention})", attention_mode=attention, kv_dtype=kv_dtype,
+        attention=f"llama.update_cache + {MODE_OPS[flat_method.prefill if flat_method else attention]} ({attention})",
+        attention_mode=attention, kv_dtype=kv_dtype,
         last_logits_only=True, **flat, **shared)
     return [embedding, decoder]
 

@@ -1,9 +1,14 @@
-"""sfedge's own ExecuTorch kernel library: ``sfedge::decode_attention`` (export/kernels/decode_attention.cpp).
+"""sfedge's own ExecuTorch kernel library (export/kernels/): two attention kernels over the static KV cache.
 
-One decode token's attention over the used prefix of the static KV cache, each cached row read once for
-all the query heads that share it (float32 or bfloat16 cache). executorch 1.5.1's ``llama.custom_sdpa``
-has no such path: its causal mode re-reads every kv head per query head as M = 1 GEMVs, its masked mode
-reads the whole ``max_seq_len`` cache (see export/executorch_llm.py and docs/executorch.md).
+* ``sfedge::decode_attention`` (decode_attention.cpp): one decode token's attention over the used prefix,
+  each cached row read once for all the query heads that share it (float32 or bfloat16 cache).
+  executorch 1.5.1's ``llama.custom_sdpa`` has no such path: its causal mode re-reads every kv head per
+  query head as M = 1 GEMVs, its masked mode reads the whole ``max_seq_len`` cache.
+* ``sfedge::chunk_attention`` (chunk_attention.cpp): a prefill chunk's causal attention (T tokens at
+  ``start_pos``) as a flash-attention loop with the query heads of a kv head folded into ~96-row tiles;
+  custom_sdpa runs the same chunk at a third of PyTorch's own SDPA rate (docs/executorch.md).
+
+(see export/executorch_llm.py and docs/executorch.md)
 
 * ``define_ops()`` registers the PyTorch side (``torch.ops.sfedge.decode_attention`` and its ``.out``
   variant, a PyTorch reference implementation and a fake-tensor rule), so ``torch.export`` can trace it
@@ -29,9 +34,9 @@ import torch
 
 from sfedge.errors import UsageError
 
-SOURCE = Path(__file__).with_name("kernels") / "decode_attention.cpp"
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("decode_attention.cpp", "chunk_attention.cpp"))
 LIBRARY_NAME = "libsfedge_executorch_kernels.so"
-OP_NAMESPACE, OP_NAME = "sfedge", "decode_attention"
+OP_NAMESPACE, OP_NAME, CHUNK_OP_NAME = "sfedge", "decode_attention", "chunk_attention"
 _library = None  # torch.library.Library keeping the op definitions alive
 _loaded: dict = {}
 
@@ -82,9 +87,10 @@ def build_library() -> Path:
     version = getattr(importlib.import_module("executorch.version"), "__version__", "?")
     command = [compiler, "-std=c++17", "-O3", "-ffast-math", *compile_flags(), "-fPIC", "-shared", "-DET_USE_THREADPOOL",
                "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{include}",
-               f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(SOURCE),
+               f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", *map(str, SOURCES),
                f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"]
-    key = hashlib.sha256((SOURCE.read_bytes().hex() + " ".join(command[1:]) + version).encode()).hexdigest()[:16]
+    sources = "".join(source.read_bytes().hex() for source in SOURCES)
+    key = hashlib.sha256((sources + " ".join(command[1:]) + version).encode()).hexdigest()[:16]
     target = _cache_dir() / key / LIBRARY_NAME
     if target.is_file():
         return target
@@ -92,14 +98,15 @@ def build_library() -> Path:
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     result = subprocess.run([*command, "-o", str(partial)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise UsageError(f"building {SOURCE.name} failed ({compiler} exit {result.returncode}): "
+        raise UsageError(f"building {', '.join(source.name for source in SOURCES)} failed ({compiler} exit {result.returncode}): "
                          f"{(result.stderr.strip().splitlines() or ['no output'])[0]}")
     partial.replace(target)
     return target
 
 
 def load_kernels() -> Path:
-    """Build (if needed) and load the library: registers ``sfedge::decode_attention.out`` with ExecuTorch."""
+    """Build (if needed) and load the library: registers ``sfedge::decode_attention.out`` and
+    ``sfedge::chunk_attention.out`` with ExecuTorch."""
     if "path" not in _loaded:
         from executorch.extension.pybindings import _C  # noqa: F401  (loads libexecutorch.so first)
 
@@ -121,6 +128,19 @@ def reference_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.reshape(1, 1, heads, dim).to(q.dtype)
 
 
+def reference_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """What the chunk kernel computes, in PyTorch: q [1, T, H, D] at positions start_pos .. start_pos + T - 1,
+    token t attending to cache positions 0 .. start_pos + t -> [1, T, H, D]."""
+    tokens, heads = q.shape[1], q.shape[2]
+    used = start_pos + tokens
+    kv_heads = k_cache.shape[2]
+    keys = k_cache[:, :used].float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)  # [1, H, P, D]
+    values = v_cache[:, :used].float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    visible = torch.arange(used)[None, :] <= (start_pos + torch.arange(tokens))[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(1, 2), keys, values, attn_mask=visible)
+    return out.transpose(1, 2).to(q.dtype)
+
+
 def define_ops() -> None:
     """Register ``torch.ops.sfedge.decode_attention`` (+ ``.out``) for tracing and eager use (idempotent)."""
     global _library
@@ -138,4 +158,16 @@ def define_ops() -> None:
     library.impl(f"{OP_NAME}.out", out_variant, "CompositeExplicitAutograd")
     library.impl(OP_NAME, lambda q, k_cache, v_cache, start_pos: torch.empty_like(q), "Meta")
     library.impl(f"{OP_NAME}.out", lambda q, k_cache, v_cache, start_pos, *, out: out, "Meta")
+
+    library.define(f"{CHUNK_OP_NAME}(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
+    library.define(f"{CHUNK_OP_NAME}.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def chunk_out_variant(q, k_cache, v_cache, start_pos, *, out):
+        out.copy_(reference_chunk_attention(q, k_cache, v_cache, start_pos))
+        return out
+
+    library.impl(CHUNK_OP_NAME, reference_chunk_attention, "CompositeExplicitAutograd")
+    library.impl(f"{CHUNK_OP_NAME}.out", chunk_out_variant, "CompositeExplicitAutograd")
+    library.impl(CHUNK_OP_NAME, lambda q, k_cache, v_cache, start_pos: torch.empty_like(q), "Meta")
+    library.impl(f"{CHUNK_OP_NAME}.out", lambda q, k_cache, v_cache, start_pos, *, out: out, "Meta")
     _library = library

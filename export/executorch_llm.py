@@ -21,16 +21,21 @@ Two attention modes (``ATTENTION_MODES``), chosen per recipe:
   (export/executorch_kernels.py, export/kernels/decode_attention.cpp): reads positions ``0 .. start_pos``
   only, each cached row once for all the query heads that share it, float32 or bfloat16 cache. Decode
   cost grows with the context, not with ``--max-context``, at a few times gqa-masked's rate.
+* ``chunk`` (any T): ``torch.ops.sfedge.chunk_attention``, sfedge's prefill kernel
+  (export/kernels/chunk_attention.cpp): token t attends to ``0 .. start_pos + t`` as a flash-attention loop
+  over ~96-row tiles (the query heads of a kv head x a few tokens), ~5x custom_sdpa's rate on a prefill
+  chunk at video context lengths.
 
 A recipe asks for ``causal``, ``gqa-masked`` or a two-method form (``FLAT_METHODS``) that exports
-``text_decoder`` (causal, T in 1..chunk) for prefill and a T = 1 ``text_decoder_flat`` over the same KV
+``text_decoder`` (T in 1..chunk; causal, or chunk for ``sfedge``) for prefill and a T = 1 ``text_decoder_flat`` over the same KV
 cache (``share_mutable_buffers``) that the runtime uses for decode from a position on:
 
 * ``switch``: the flat method is gqa-masked, used from ``FLAT_FROM_FRACTION * max_seq_len`` on, where the
   full-cache pass gets cheaper than the causal one (sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per
   cached position, gqa-masked ~0.3 us per cache slot).
-* ``prefix``: the flat method runs sfedge's decode kernel, used for every decode step (from position 0:
-  it is the cheaper one at any context).
+* ``sfedge``: the flat method runs sfedge's decode kernel (mode ``prefix``), used for every decode step (from
+  position 0: it is the cheaper one at any context), and ``text_decoder`` prefills with sfedge's chunk kernel
+  (mode ``chunk``) instead of custom_sdpa.
 
 The KV cache dtype (``KV_DTYPES``) is float32, float16 or bfloat16 (custom_sdpa and update_cache
 take all three; q is cast to the cache dtype, the output back to float32).
@@ -47,20 +52,23 @@ from sfedge.export.executorch_kernels import define_ops
 from sfedge.models.llm import CachedAttention, KVCache, TextDecoder
 
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTION_MODES = ("causal", "gqa-masked", "prefix")
+ATTENTION_MODES = ("causal", "gqa-masked", "prefix", "chunk")
 METHOD_DECODE_FLAT = "text_decoder_flat"
 FLAT_FROM_FRACTION = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
 class FlatMethod:
-    """A two-method export: the T = 1 method's attention mode and the fraction of the cache it is used from."""
+    """A two-method export: the T = 1 method's attention mode, the fraction of the cache it is used from, and
+    the attention mode of ``text_decoder`` (prefill)."""
     mode: str
     from_fraction: float
     kernels: bool = False  # needs sfedge's kernel library (export/executorch_kernels.py)
+    prefill: str = "causal"
 
 
-FLAT_METHODS = {"switch": FlatMethod("gqa-masked", FLAT_FROM_FRACTION), "prefix": FlatMethod("prefix", 0.0, kernels=True)}
+FLAT_METHODS = {"switch": FlatMethod("gqa-masked", FLAT_FROM_FRACTION),
+                "sfedge": FlatMethod("prefix", 0.0, kernels=True, prefill="chunk")}
 EXPORT_ATTENTION = ("causal", "gqa-masked", *FLAT_METHODS)  # what a recipe may ask for
 
 
@@ -82,14 +90,17 @@ def kv_torch_dtype(name: str) -> torch.dtype:
     return KV_DTYPES[name]
 
 
-PREFIX_KV_DTYPES = (torch.float32, torch.bfloat16)  # what sfedge's decode kernel reads
+PREFIX_KV_DTYPES = (torch.float32, torch.bfloat16)  # what sfedge's kernels read
+KERNEL_MODES = ("prefix", "chunk")  # attention modes that run sfedge's kernels
+MODE_OPS = {"causal": "llama.custom_sdpa", "gqa-masked": "llama.custom_sdpa", "prefix": "sfedge.decode_attention",
+            "chunk": "sfedge.chunk_attention"}  # the attention op each mode runs (the manifest says it)
 
 
 def _check_mode(mode: str, kv_dtype: torch.dtype) -> None:
     if mode not in ATTENTION_MODES:
         raise UsageError(f"attention mode {mode!r} is unknown; use one of: {', '.join(ATTENTION_MODES)}")
-    if mode == "prefix" and kv_dtype not in PREFIX_KV_DTYPES:
-        raise UsageError(f"attention 'prefix' (sfedge's decode kernel) reads float32 or bfloat16 KV caches, not "
+    if mode in KERNEL_MODES and kv_dtype not in PREFIX_KV_DTYPES:
+        raise UsageError(f"attention {mode!r} (sfedge's kernels) reads float32 or bfloat16 KV caches, not "
                          f"{str(kv_dtype).replace('torch.', '')}: use kv_dtype float32 or bfloat16")
 
 
@@ -117,6 +128,8 @@ class CustomOpAttention(nn.Module):
             if seq_len != 1:
                 raise UsageError(f"attention mode 'prefix' decodes one token at a time, got {seq_len}: prefill with 'causal'")
             out = torch.ops.sfedge.decode_attention(q.float(), self.cache.k_cache, self.cache.v_cache, start)
+        elif self.mode == "chunk":
+            out = torch.ops.sfedge.chunk_attention(q.float(), self.cache.k_cache, self.cache.v_cache, start)
         else:
             out = self._gqa_masked(q.to(dtype), start, seq_len)
         return out.to(q.dtype).reshape(q.shape[0], seq_len, -1)
@@ -145,7 +158,7 @@ def set_attention_mode(decoder: TextDecoder, mode: str) -> None:
 def use_custom_ops(decoder: TextDecoder, mode: str = "causal", kv_dtype: str = "float32") -> int:
     """Swap every CachedAttention of ``decoder`` in place (cache re-allocated in ``kv_dtype``); returns how many."""
     load_custom_ops()
-    define_ops()  # torch.ops.sfedge.decode_attention (the "prefix" mode): PyTorch side only, nothing compiled
+    define_ops()  # torch.ops.sfedge.decode_attention / chunk_attention: PyTorch side only, nothing compiled
     dtype = kv_torch_dtype(kv_dtype)
     swapped = 0
     for layer in decoder.layers:

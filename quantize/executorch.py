@@ -94,7 +94,7 @@ register_recipe(Recipe("8da4w-vstatic", BACKEND, "8da4w with a static int8 visio
 # all three). ``attention``: "causal" (reads the cached prefix, one query row per head),
 # "gqa-masked" (the query heads of a kv head folded into one GEMM over the whole cache: decode cost
 # flat in the context, set by --max-context), "switch" (both methods, the runtime picks by position) or
-# "prefix" (causal prefill + sfedge's decode kernel for every decode step).
+# "sfedge" (sfedge's chunk kernel for prefill + its decode kernel for every decode step).
 # See export/executorch_llm.py and docs/executorch.md.
 KV_DTYPE_DEFAULT, ATTENTION_DEFAULT = "float32", "causal"
 
@@ -121,17 +121,20 @@ register_recipe(Recipe("8da4w-kvbf16", BACKEND, "8da4w with a bfloat16 KV cache 
 register_recipe(Recipe("8da4w-flat", BACKEND, "8da4w plus a second decode method (gqa-masked, over the same KV cache) used "
                        "past 30% of --max-context: decode stays flat as the context grows",
                        _llm(_with_options(LINEAR_8DA4W_G32, attention="switch"), EMBEDDING_4W), INT4_TOLERANCE))
-# attention "prefix": the decode steps run sfedge's own kernel (export/kernels/decode_attention.cpp, built with
-# g++ on first use), which reads only the cache positions in use, each row once for all the query heads
-# sharing it; the bfloat16 cache halves the bytes it reads (prefill keeps llama.custom_sdpa, causal).
-register_recipe(Recipe("8da4w-prefix", BACKEND, "8da4w plus a decode method over the same KV cache that runs sfedge's "
-                       "decode-attention kernel (reads only the used cache prefix); fp32 KV cache",
-                       _llm(_with_options(LINEAR_8DA4W_G32, attention="prefix"), EMBEDDING_4W), INT4_TOLERANCE))
-register_recipe(Recipe("8da4w-prefix-bf16", BACKEND, "8da4w-prefix with a bfloat16 KV cache (half the bytes per decode step)",
-                       _llm(_with_options(LINEAR_8DA4W_G32, attention="prefix", kv_dtype="bfloat16"), EMBEDDING_4W),
+# attention "sfedge": sfedge's own kernels (export/kernels/, built with g++ on first use): prefill chunks through
+# chunk_attention.cpp (a flash-attention loop with the query heads of a kv head folded into row tiles, ~5x
+# llama.custom_sdpa on a 1B prefill chunk at video context lengths), decode steps through decode_attention.cpp
+# (reads only the cache positions in use, each row once for all the query heads sharing it) in a second method
+# over the same KV cache; the bfloat16 cache halves the bytes both read. (These replace the "prefix" recipes of
+# earlier versions, which prefilled through custom_sdpa: same decode, slower prefill.)
+register_recipe(Recipe("8da4w-sfedge", BACKEND, "8da4w with sfedge's attention kernels for prefill chunks and decode steps "
+                       "(used cache prefix only); fp32 KV cache",
+                       _llm(_with_options(LINEAR_8DA4W_G32, attention="sfedge"), EMBEDDING_4W), INT4_TOLERANCE))
+register_recipe(Recipe("8da4w-sfedge-bf16", BACKEND, "8da4w-sfedge with a bfloat16 KV cache (half the cache bytes)",
+                       _llm(_with_options(LINEAR_8DA4W_G32, attention="sfedge", kv_dtype="bfloat16"), EMBEDDING_4W),
                        INT4_TOLERANCE))
-register_recipe(Recipe("fp32-prefix", BACKEND, "fp32 everywhere with the decode kernel of 8da4w-prefix (parity of the attention alone)",
-                       {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "prefix"})},
+register_recipe(Recipe("fp32-sfedge", BACKEND, "fp32 everywhere with the attention kernels of 8da4w-sfedge (parity of the attention alone)",
+                       {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "sfedge"})},
                        FP32_TOLERANCE))
 register_recipe(Recipe("fp32-flat", BACKEND, "fp32 everywhere with the flat decode method of 8da4w-flat (parity of the attention alone)",
                        {**uniform(FP32), Component.TEXT_DECODER.value: ComponentScheme("fp32", None, {"attention": "switch"})},

@@ -26,13 +26,15 @@ TINY_CUT_CONFIG = _TINY.replace(vision=dataclasses.replace(_TINY.vision, depth=1
 # and (fp32) an extra 4-frame projector. test_executorch.py and test_profile.py share that fp32 folder.
 EXECUTORCH_OPTIONS = dict(max_context=128, prefill_chunk=32, encoder_batch=2)
 EXECUTORCH_EXTRA_FRAMES = (4,)
-# ... except fp32-prefix (sfedge's decode kernel): two LLM layers and a 320-slot cache, so that decoding crosses the
-# kernel's 256-position blocks. test_executorch.py's parity and test_executorch_decode.py share that folder.
+# ... except fp32-sfedge (sfedge's chunk and decode kernels): two LLM layers and a 320-slot cache, so that decoding
+# crosses the decode kernel's 128-position blocks and prefill the chunk kernel's 64-key blocks. test_executorch.py's
+# parity and test_executorch_decode.py share that folder.
 PREFIX_CONFIG = TINY_CUT_CONFIG.replace(llm=dataclasses.replace(TINY_CUT_CONFIG.llm, layers=2))
 PREFIX_OPTIONS = dict(EXECUTORCH_OPTIONS, max_context=320)
 # pytest-xdist (--dist loadgroup): the tests that read one export run on one worker, one after the other, instead of
 # a second worker waiting for the first to make it (see export_once)
-PREFIX_EXPORT_GROUP = pytest.mark.xdist_group("executorch_fp32_prefix")
+PREFIX_EXPORT_GROUP = pytest.mark.xdist_group("executorch_fp32_sfedge")
+KERNELS_RECIPE = "fp32-sfedge"
 
 
 def pytest_configure(config):
@@ -112,12 +114,12 @@ def tiny_onnx(export_once):
 
 @pytest.fixture(scope="session")
 def executorch_export(export_once):
-    """recipe -> the ExecuTorch export of TINY_CUT_CONFIG with EXECUTORCH_OPTIONS, fp32-prefix of PREFIX_CONFIG with
+    """recipe -> the ExecuTorch export of TINY_CUT_CONFIG with EXECUTORCH_OPTIONS, fp32-sfedge of PREFIX_CONFIG with
     PREFIX_OPTIONS (shared, read only)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
     def get(recipe: str) -> Path:
-        if recipe == "fp32-prefix":
+        if recipe == KERNELS_RECIPE:
             return export_once("executorch", recipe, config=PREFIX_CONFIG, **PREFIX_OPTIONS)
         return export_once("executorch", recipe, config=TINY_CUT_CONFIG, **EXECUTORCH_OPTIONS,
                            extra_frames=EXECUTORCH_EXTRA_FRAMES if recipe == "fp32" else ())

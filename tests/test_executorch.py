@@ -19,11 +19,11 @@ from sfedge.runtime.parity import compare_sessions, run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 import sfedge.export.executorch as et_export  # noqa: E402  (registers the exporter and the recipes)
-from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS, PREFIX_EXPORT_GROUP  # noqa: E402
+from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTIONS, KERNELS_RECIPE, PREFIX_EXPORT_GROUP  # noqa: E402
 
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
-                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic", "8da4w-prefix", "8da4w-prefix-bf16", "fp32-prefix"}
+                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic", "8da4w-sfedge", "8da4w-sfedge-bf16", "fp32-sfedge"}
 ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not exported twice
 
 
@@ -62,7 +62,7 @@ def _quantized_eager(folder: Path, recipe: str) -> EagerSession:
     return session
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(name, marks=PREFIX_EXPORT_GROUP) if name == "fp32-prefix" else name
+@pytest.mark.parametrize("recipe", [pytest.param(name, marks=PREFIX_EXPORT_GROUP) if name == KERNELS_RECIPE else name
                                     for name in RECIPES if name not in ALIASES])
 @pytest.mark.slow
 def test_parity_per_recipe(executorch_export, recipe: str):

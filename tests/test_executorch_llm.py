@@ -45,8 +45,9 @@ def _run(decoder, embeds: torch.Tensor, chunks) -> list:
     return outputs
 
 
-@pytest.mark.parametrize("kv_dtype", list(KV_DTYPES))
-@pytest.mark.parametrize("mode", [m for m in ATTENTION_MODES if m != "prefix"])  # prefix (T = 1): test_executorch_decode.py
+# prefix (T = 1 only) and chunk with float16 (sfedge's kernels read float32 / bfloat16): test_executorch_decode.py
+@pytest.mark.parametrize("mode,kv_dtype", [(mode, kv_dtype) for mode in ATTENTION_MODES for kv_dtype in KV_DTYPES
+                                           if mode != "prefix" and (mode, kv_dtype) != ("chunk", "float16")])
 def test_custom_op_attention_matches_eager(eager_decoder, mode, kv_dtype):
     embeds = torch.randn(80, CONFIG.llm.hidden, generator=torch.Generator().manual_seed(1))
     chunks = [32, 31, 1, 1, 1, 13, 1]  # prefill chunks and decode steps, ending near the cache's end

@@ -156,7 +156,7 @@ class ExecuTorchSession(ModelSession):
         self.frames = self.frame_counts[0]
         self.max_context = int(decoder.extra["max_seq_len"])
         self.max_prefill_chunk = int(decoder.extra["prefill_chunk"])
-        # Recipes with attention "switch" / "prefix": a T = 1 method (gqa-masked / sfedge's decode kernel) over
+        # Recipes with attention "switch" / "sfedge": a T = 1 method (gqa-masked / sfedge's decode kernel) over
         # the same KV cache, used from a position on where it is the faster of the two (export/executorch_llm.py).
         self._flat_method = decoder.extra.get("decode_method")
         self._flat_from = int(decoder.extra.get("decode_method_from_position", self.max_context))
