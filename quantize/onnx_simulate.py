@@ -7,6 +7,8 @@ What ONNX Runtime's tools do to a graph (quantize/onnx.py), done to nn.Linear / 
          GatherBlockQuantized (ops Gather): the same rounding per block of an embedding row.
   int8   quantize_dynamic: per-tensor symmetric int8 weights (scale = max |w| / 127) and, at run
          time, per-tensor asymmetric uint8 activations (DynamicQuantizeLinear).
+  int8-channel  DynamicQuantizeMatMul: per-output-channel symmetric int8 weights (scale = max |w| / 127 per
+         output), per-tensor asymmetric uint8 activations at run time (as int8).
   fp16   weights and each linear's input rounded to float16 (the graph computes in fp16).
   q4f16  fp16, then int4 as above.
 It is a model of the kernels, not a bit-exact copy: parity's EXACT_EXPORT tolerance (KL bound)
@@ -34,6 +36,13 @@ def _int4_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
 
 def _int8_tensor(weight: torch.Tensor) -> torch.Tensor:
     scale = weight.abs().max().clamp_min(1e-12) / 127.0
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def _int8_channel(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weight [out, in]: one scale per output row (the ONNX weight's column)."""
+    scale = weight.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale / 127.0, torch.ones_like(scale))
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
@@ -88,9 +97,10 @@ def simulate_component(module: nn.Module, scheme) -> None:
             _replace_weight(layer, _int4_blocks(layer.weight, block))
             if isinstance(layer, nn.Linear) and options.get("accuracy_level") == 4 and name == "int4":
                 layer.register_forward_pre_hook(_activation_int8_blocks(block))
-    if name == "int8":
+    if name in ("int8", "int8-channel"):
+        rounding = _int8_tensor if name == "int8" else _int8_channel
         for layer in _targets(module, ops):
-            _replace_weight(layer, _int8_tensor(layer.weight))
+            _replace_weight(layer, rounding(layer.weight))
             if isinstance(layer, nn.Linear):
                 layer.register_forward_pre_hook(_activation_uint8_tensor)
 

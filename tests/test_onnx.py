@@ -22,14 +22,15 @@ from sfedge.runtime.parity import run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 
-RECIPES = ["fp32", "fp16", "int8", "int4", "int4-vision-static", "q4f16"]
+RECIPES = ["fp32", "fp16", "int8", "int4", "int4-vision-static", "q4f16", "int8-channel"]
 MAX_CONTEXT, CHUNK = 128, 32
 STEMS = {"vision_encoder": "vision_encoder", "projector": "projector", "token_embedding": "embed_tokens",
          "text_decoder": "decoder_model_merged"}
 # op that proves a scheme was applied, per scheme
 SCHEME_OPS = {"int8": {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"},
               "int8-static": {"QuantizeLinear", "DequantizeLinear"},
-              "int4": {"MatMulNBits", "GatherBlockQuantized"}, "q4f16": {"MatMulNBits"}}
+              "int4": {"MatMulNBits", "GatherBlockQuantized"}, "q4f16": {"MatMulNBits"},
+              "int8-channel": {"DynamicQuantizeMatMul"}}
 
 
 def test_every_registered_recipe_is_tested():
@@ -99,7 +100,7 @@ def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
         assert all(row.max_abs <= 1e-4 for row in report.rows), report.table()
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16"])
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16", "int8-channel"])
 @pytest.mark.slow
 def test_quantization_is_applied(export_dir, recipe):
     folder, baseline = export_dir(recipe), export_dir("fp32")
@@ -117,7 +118,7 @@ def test_quantization_is_applied(export_dir, recipe):
             assert ops.keys() & SCHEME_OPS[scheme], (entry.file, ops)
     decoder_ops = _ops(folder / manifest.component("text_decoder").file)
     expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "int4-vision-static": "MatMulNBits",
-                "q4f16": "MatMulNBits", "fp16": "MatMul"}[recipe]
+                "q4f16": "MatMulNBits", "fp16": "MatMul", "int8-channel": "DynamicQuantizeMatMul"}[recipe]
     assert decoder_ops[expected] >= 7 * 2, decoder_ops  # q, k, v, o, gate, up, down per layer
 
 
@@ -320,3 +321,46 @@ def test_int4_reads_matmul_weights_memory_mapped_and_matches_a_full_load(tmp_pat
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), initializers[tensor.name])
     session = ort.InferenceSession(frugal.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"ids": np.array([[0, 5, 79]])})[0].shape == (1, 3, 64)
+
+
+def test_int8_channel_weights_round_per_column_in_row_steps():
+    weight = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
+    weight[:, 3] = 0.0  # an all-zero column: scale 1, values 0
+    quantized, scale = onnx_quant.int8_channel_weights(weight, rows_per_step=8)
+    expected_scale = np.abs(weight).max(axis=0) / 127.0
+    expected_scale[3] = 1.0
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-7)
+    np.testing.assert_array_equal(quantized, np.clip(np.rint(weight / expected_scale), -127, 127).astype(np.int8))
+    assert quantized.dtype == np.int8 and np.abs(quantized).max(axis=0)[[0, 1, 2, 4]].tolist() == [127] * 4
+    whole, _ = onnx_quant.int8_channel_weights(weight, rows_per_step=1000)
+    np.testing.assert_array_equal(quantized, whole)
+
+
+def test_int8_channel_maps_matmul_weights_and_runs_close_to_fp32(tmp_path, monkeypatch):
+    """int8-channel: each MatMul -> DynamicQuantizeMatMul with int8 weights read through a read-only memory map
+    (never loaded into the proto), the Gather table left float32 and loaded; ORT runs it within int8 error."""
+    from onnx import external_data_helper
+
+    from sfedge.quantize.recipes import ComponentScheme
+
+    path = _external_weights_model(tmp_path)
+    full = onnx.load(str(path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in full.graph.initializer}
+    loaded = []
+    load = external_data_helper.load_external_data_for_tensor
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_tensor",
+                        lambda tensor, base_dir: (loaded.append(tensor.name), load(tensor, base_dir)))
+    maps = []
+    memmap = np.memmap
+    monkeypatch.setattr(np, "memmap", lambda *args, **kwargs: (maps.append(kwargs.get("mode")), memmap(*args, **kwargs))[1])
+    model = onnx_quant.quantize_model(path, ComponentScheme("int8-channel", options={"ops": ("MatMul",)}), tmp_path)
+    assert loaded == ["table"] and maps == ["r", "r"]
+    assert [n.op_type for n in model.graph.node] == ["Gather", "DynamicQuantizeMatMul", "DynamicQuantizeMatMul"]
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert initializers["w1_q8"].dtype == np.int8 and initializers["w1_q8_scale"].shape == (96,) and "w1" not in initializers
+    ids = np.array([[0, 5, 79]])
+    want = weights["table"][ids] @ weights["w1"] @ weights["w2"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    with pytest.raises(SfedgeError, match="int8-channel quantizes MatMul only, not Gather"):
+        onnx_quant.quantize_model(path, ComponentScheme("int8-channel", options={"ops": ("MatMul", "Gather")}), tmp_path)
