@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
@@ -27,7 +27,8 @@ from sfedge.export.coreml_convert import Port, convert, export_program, load_spe
 from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
-from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, target_rank
+from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, quantized_before_conversion, target_rank
+from sfedge.quantize.coreml_torch import quantize_linears, quantize_llm, quantizes_in_torch
 from sfedge.quantize.recipes import Recipe
 
 VISION_FILE, LLM_FILE = "vision_encoder.mlpackage", "llm.mlpackage"
@@ -42,13 +43,19 @@ def component_targets(options: ExportOptions) -> dict:
 
 
 def _convert_one(module, inputs: List[Port], outputs: List[Port], target: str, scheme, op_types: tuple, path: Path,
-                 progress: Progress, label: str) -> dict:
+                 progress: Progress, label: str, prequantized: Optional[List[str]] = None) -> dict:
+    """``prequantized``: the module's weights were quantized in torch (quantize/coreml_torch.py; the list names
+    the per-channel fallbacks): conversion writes them compressed, nothing is left to compress after it."""
     with progress.stage(label, "trace"):
         program = export_program(module, inputs)
     with progress.stage(label, "lower"):
         mlmodel = convert(program, inputs, outputs, target)
-    with progress.stage(label, "quantize"):
-        mlmodel, applied = compress(mlmodel, scheme, op_types)
+        del program
+    if prequantized is None:
+        with progress.stage(label, "quantize"):
+            mlmodel, applied = compress(mlmodel, scheme, op_types)
+    else:
+        applied = quantized_before_conversion(mlmodel, scheme, prequantized)
     with progress.stage(label, "serialize"):
         mlmodel.save(str(path))
     return applied
@@ -99,7 +106,9 @@ def llm_ports(hidden: int, vocab: int, chunk: int) -> dict:
             FN_PREFILL: step(chunk), FN_DECODE: step(1)}
 
 
-def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
+def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress,
+               prequantized: Optional[List[str]] = None) -> List[ArtifactEntry]:
+    """``prequantized``: the LLM's weights were quantized in torch (see ``export_coreml``)."""
     llm = model.config.llm
     decoder = model.text_decoder
     use_masked_cache(decoder)
@@ -115,7 +124,7 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path
         for function, module in modules.items():
             parts[function] = parts_dir / f"{function}.mlpackage"
             applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function], op_types[function],
-                                             parts[function], progress, f"llm.{function}")
+                                             parts[function], progress, f"llm.{function}", prequantized)
         with progress.stage("llm", "serialize"):
             save_multifunction(parts, FN_DECODE, out / LLM_FILE)
     finally:
@@ -153,8 +162,21 @@ def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
         entries.append(export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]))
     with model_part(model, "projector", progress):
         entries += export_projectors(model, options, recipe, out, progress, targets[Component.PROJECTOR.value])
-    with model_part(model, "llm", progress):
-        entries += export_llm(model, options, recipe, out, progress)
+    # int4 / int8 LLM weights: quantized in torch (each decoder layer as soon as it is filled), so no float32 copy of
+    # the LLM is ever converted; the stored weights are those compress() would write (quantize/coreml_torch.py)
+    scheme = recipe.scheme(Component.TEXT_DECODER)
+    in_torch = quantizes_in_torch(scheme) and recipe.scheme(Component.TOKEN_EMBEDDING) == scheme
+    fallback: List[str] = []
+    on_layer = None
+    if in_torch:
+        def on_layer(layer):
+            fallback.extend(quantize_linears(layer, scheme, f"layers.{list(model.text_decoder.layers).index(layer)}"))
+    with model_part(model, "llm", progress, on_layer=on_layer) as layers_done:
+        prequantized = None
+        if in_torch:
+            with progress.stage("llm", "quantize"):
+                prequantized = fallback + quantize_llm(model, scheme, layers_done)
+        entries += export_llm(model, options, recipe, out, progress, prequantized)
     return entries
 
 
