@@ -28,7 +28,7 @@ from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, quantized_before_conversion, target_rank
-from sfedge.quantize.coreml_torch import quantize_linears, quantize_llm, quantizes_in_torch
+from sfedge.quantize.coreml_torch import llm_quantized_in_torch, quantize_linears, quantize_llm
 from sfedge.quantize.recipes import Recipe
 
 VISION_FILE, LLM_FILE = "vision_encoder.mlpackage", "llm.mlpackage"
@@ -165,7 +165,7 @@ def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     # int4 / int8 LLM weights: quantized in torch (each decoder layer as soon as it is filled), so no float32 copy of
     # the LLM is ever converted; the stored weights are those compress() would write (quantize/coreml_torch.py)
     scheme = recipe.scheme(Component.TEXT_DECODER)
-    in_torch = quantizes_in_torch(scheme) and recipe.scheme(Component.TOKEN_EMBEDDING) == scheme
+    in_torch = llm_quantized_in_torch(recipe)
     fallback: List[str] = []
     on_layer = None
     if in_torch:

@@ -36,6 +36,15 @@ def quantizes_in_torch(scheme: ComponentScheme) -> bool:
     return scheme.scheme in _QUANT_RANGE and scheme.options.get("mode") == "linear_symmetric"
 
 
+def llm_quantized_in_torch(recipe) -> bool:
+    """Whether ``--backend coreml`` quantizes this recipe's LLM in torch: a linear-symmetric decoder scheme, and the
+    same one for the (tied) token embedding so the table is quantized once."""
+    from sfedge.manifest import Component
+
+    scheme = recipe.scheme(Component.TEXT_DECODER)
+    return quantizes_in_torch(scheme) and recipe.scheme(Component.TOKEN_EMBEDDING) == scheme
+
+
 def _import_torchao() -> None:
     """Registers torch.ops.torchao.dequantize_affine (and lets coremltools' converter translate it)."""
     from sfedge.errors import UsageError
