@@ -28,7 +28,7 @@ from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, quantized_before_conversion, target_rank
-from sfedge.quantize.coreml_torch import llm_quantized_in_torch, quantize_linears, quantize_llm
+from sfedge.quantize.coreml_torch import llm_quantized_in_torch, quantize_linears, quantize_llm, quantizes_in_torch
 from sfedge.quantize.recipes import Recipe
 
 VISION_FILE, LLM_FILE = "vision_encoder.mlpackage", "llm.mlpackage"
@@ -44,18 +44,21 @@ def component_targets(options: ExportOptions) -> dict:
 
 def _convert_one(module, inputs: List[Port], outputs: List[Port], target: str, scheme, op_types: tuple, path: Path,
                  progress: Progress, label: str, prequantized: Optional[List[str]] = None) -> dict:
-    """``prequantized``: the module's weights were quantized in torch (quantize/coreml_torch.py; the list names
-    the per-channel fallbacks): conversion writes them compressed, nothing is left to compress after it."""
+    """``op_types``: the ops whose weights are compressed after conversion. ``prequantized``: the module's linear
+    weights were quantized in torch (quantize/coreml_torch.py; the list names the per-channel fallbacks), so
+    conversion already writes them compressed."""
     with progress.stage(label, "trace"):
         program = export_program(module, inputs)
     with progress.stage(label, "lower"):
         mlmodel = convert(program, inputs, outputs, target)
         del program
-    if prequantized is None:
+    applied = {}
+    if op_types:
         with progress.stage(label, "quantize"):
             mlmodel, applied = compress(mlmodel, scheme, op_types)
-    else:
-        applied = quantized_before_conversion(mlmodel, scheme, prequantized)
+    if prequantized is not None:
+        after = f"; {', '.join(op_types)} after conversion" if op_types else ""
+        applied = quantized_before_conversion(mlmodel, scheme, prequantized + applied.get("per_channel_fallback", []), after)
     with progress.stage(label, "serialize"):
         mlmodel.save(str(path))
     return applied
@@ -71,8 +74,13 @@ def export_vision(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     component = Component.VISION_ENCODER.value
     inputs = [Port("pixels", (options.encoder_batch, 3, vision.frame_size, vision.frame_size), "float16")]
     outputs = [Port("features", (options.encoder_batch, vision.patches_per_frame, vision.width), "float16")]
-    applied = _convert_one(model.vision_encoder, inputs, outputs, target, recipe.scheme(component), ("linear", "conv"),
-                           out / VISION_FILE, progress, component)
+    scheme = recipe.scheme(component)
+    prequantized, op_types = None, ("linear", "conv")
+    if quantizes_in_torch(scheme):  # the linears (96% of the weights) in torch, the patch-embedding conv after conversion
+        with progress.stage(component, "quantize"):
+            prequantized, op_types = quantize_linears(model.vision_encoder, scheme), ("conv",)
+    applied = _convert_one(model.vision_encoder, inputs, outputs, target, scheme, op_types, out / VISION_FILE, progress,
+                           component, prequantized)
     return _static_entry(out, component, VISION_FILE, inputs, outputs, applied, target)
 
 
@@ -123,8 +131,9 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path
         parts = {}
         for function, module in modules.items():
             parts[function] = parts_dir / f"{function}.mlpackage"
-            applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function], op_types[function],
-                                             parts[function], progress, f"llm.{function}", prequantized)
+            applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function],
+                                             () if prequantized is not None else op_types[function], parts[function],
+                                             progress, f"llm.{function}", prequantized)
         with progress.stage("llm", "serialize"):
             save_multifunction(parts, FN_DECODE, out / LLM_FILE)
     finally:

@@ -113,3 +113,31 @@ def test_converted_program_stores_what_compress_would():
             assert (op2, readers2, offset2) == (op, readers, offset) and readers2 == list(op_types)
             assert data2.dtype == data.dtype and np.array_equal(data2, data)
             assert scale2.dtype == scale.dtype == np.float16 and np.array_equal(scale2, scale)
+
+
+@pytest.mark.slow
+def test_vision_encoder_linears_quantized_in_torch_store_what_compress_would():
+    """int8 per channel: the vision encoder's linears quantized in torch and its conv compressed after conversion
+    give the constexprs compress() gives when it compresses both after conversion."""
+    from sfedge.export.coreml_convert import Port, convert, export_program
+    from sfedge.quantize.coreml import compress
+    from sfedge.quantize.coreml_torch import quantize_linears
+
+    config = get_preset("tiny")
+    vision = build_model(config, WeightsSource(seed=0), 64).vision_encoder
+    reference = copy.deepcopy(vision)
+    assert quantize_linears(vision, INT8) == []
+    inputs = [Port("pixels", (1, 3, config.vision.frame_size, config.vision.frame_size), "float16")]
+    outputs = [Port("features", (1, config.vision.patches_per_frame, config.vision.width), "float16")]
+    expected, _ = compress(convert(export_program(reference, inputs), inputs, outputs, "iOS18"), INT8, ("linear", "conv"))
+    got, applied = compress(convert(export_program(vision, inputs), inputs, outputs, "iOS18"), INT8, ("conv",))
+
+    def constexprs(mlmodel):
+        return [([c.op_type for c in op.outputs[0].child_ops], op.data.val, op.scale.val)
+                for f in mlmodel._mil_program.functions.values() for op in f.operations if op.op_type.startswith("constexpr")]
+
+    pairs = list(zip(constexprs(expected), constexprs(got)))
+    assert len(pairs) == len(constexprs(expected)) == len(constexprs(got)) == applied["compressed_weights"]
+    assert {"conv", "linear"} <= {reader for (readers, _, _), _ in pairs for reader in readers}
+    for (readers, data, scale), (readers2, data2, scale2) in pairs:
+        assert readers2 == readers and np.array_equal(data2, data) and np.array_equal(scale2, scale)
