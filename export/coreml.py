@@ -16,17 +16,18 @@ stored weights are exactly what the recipe says; the manifest records what was a
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.export.coreml_convert import Port, convert, export_program, load_spec, save_multifunction
 from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
-from sfedge.models import SFLlava
+from sfedge.models import SFLlava, release_part
 from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, quantized_before_conversion, target_rank
 from sfedge.quantize.coreml_torch import llm_quantized_in_torch, quantize_linears, quantize_llm, quantizes_in_torch
 from sfedge.quantize.recipes import Recipe
@@ -115,8 +116,10 @@ def llm_ports(hidden: int, vocab: int, chunk: int) -> dict:
 
 
 def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress,
-               prequantized: Optional[List[str]] = None) -> List[ArtifactEntry]:
-    """``prequantized``: the LLM's weights were quantized in torch (see ``export_coreml``)."""
+               prequantized: Optional[List[str]] = None, before_merge: Optional[Callable[[], None]] = None) -> List[ArtifactEntry]:
+    """``prequantized``: the LLM's weights were quantized in torch (see ``export_coreml``). ``before_merge``: runs
+    once the three functions are converted and saved, before ``save_multifunction`` loads them back (e.g. to
+    release the torch weights: the merge holds every function's weights at once and sets the export's peak)."""
     llm = model.config.llm
     decoder = model.text_decoder
     use_masked_cache(decoder)
@@ -134,6 +137,10 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path
             applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function],
                                              () if prequantized is not None else op_types[function], parts[function],
                                              progress, f"llm.{function}", prequantized)
+        del modules
+        if before_merge is not None:
+            before_merge()
+        gc.collect()
         with progress.stage("llm", "serialize"):
             save_multifunction(parts, FN_DECODE, out / LLM_FILE)
     finally:
@@ -180,12 +187,14 @@ def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     if in_torch:
         def on_layer(layer):
             fallback.extend(quantize_linears(layer, scheme, f"layers.{list(model.text_decoder.layers).index(layer)}"))
-    with model_part(model, "llm", progress, on_layer=on_layer) as layers_done:
+    with model_part(model, "llm", progress, on_layer=on_layer) as filled:
         prequantized = None
         if in_torch:
             with progress.stage("llm", "quantize"):
-                prequantized = fallback + quantize_llm(model, scheme, layers_done)
-        entries += export_llm(model, options, recipe, out, progress, prequantized)
+                prequantized = fallback + quantize_llm(model, scheme, layers_done=filled)
+        # a part this export filled is released before the merge (a model built whole is left as it is)
+        entries += export_llm(model, options, recipe, out, progress, prequantized,
+                              before_merge=(lambda: release_part(model, "llm")) if filled else None)
     return entries
 
 

@@ -40,12 +40,15 @@ FOOTPRINTS: Dict[str, Footprint] = {
     # embed_tokens int4 quantize 2.82 GiB = 0.5 + 2.7 x 0.87 GiB (the decoder's, MatMul weights memory-mapped: 1.84)
     "onnx": Footprint(int(0.6 * GiB), 1.1, 2.8, 0.15, "2-layer probe, int4"),
     # lm_head 8da4w quantize 4.71 GiB = 0.5 + 4.5 x 0.87 GiB + the quantized layers
-    "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.2, "2-layer probe, 8da4w-flat"),
+    # the 1B 8da4w export (7.83 GiB at the lm_head's HQQ quantize, ~2.1 GiB left resident by the vision lowering)
+    "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.52, "2-layer probe, 8da4w-flat; 1B 8da4w export"),
     # llm.decode convert 4.33 GiB = 0.5 + 3.1 x 1.22 GiB (torch float32 + MIL program + what earlier functions left)
     "coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "2-layer probe, int4"),
-    # int4 / int8 recipes: the LLM quantized in torch layer by layer, converted with its int4 weights
-    # (quantize/coreml_torch.py): PROVISIONAL, set from the 2-layer probe; see docs/export_memory.md
-    COREML_LLM_IN_TORCH: Footprint(int(0.6 * GiB), 0.0, 1.8, 0.35, "2-layer probe, int4 quantized in torch"),
+    # int4 / int8 recipes: the LLM quantized in torch layer by layer and converted with its int4 weights
+    # (quantize/coreml_torch.py). The peak is save_multifunction (all three functions' weights loaded back):
+    # 2-layer probe 1.90 GiB (its torch weights released before the merge); +0.17 GiB per layer (8-layer probe
+    # before that release, minus the released int8 layer): 1.0 x a layer's float32 bytes, the table ~0.25 x T
+    COREML_LLM_IN_TORCH: Footprint(int(0.6 * GiB), 0.0, 0.3, 1.05, "2- and 8-layer probes, int4 quantized in torch"),
     # builds the whole model and lowers every method at once: Core ML's factor over all parts
     "executorch-coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "Core ML's factors, whole model"),
 }
