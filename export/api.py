@@ -115,7 +115,7 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
         raise UsageError(f"--prefill-chunk must be in [1, {max_context - 1}], got {options.prefill_chunk}")
     options = ExportOptions(**{**asdict(options), "max_context": max_context})
     if options.memory_check:  # before the output folder exists: a refused export leaves nothing behind
-        estimate = estimate_export_peak(empty_model(config, weights, max_context), options.backend)
+        estimate = estimate_export_peak(empty_model(config, weights, max_context), options.backend, options.recipe)
         available = check_memory(estimate)
     with Progress(enabled=options.show_progress) as progress, atomic_output_dir(out_dir, options.overwrite) as tmp:
         if options.memory_check and options.show_progress:

@@ -16,18 +16,20 @@ stored weights are exactly what the recipe says; the manifest records what was a
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
 from sfedge.export.coreml_convert import Port, convert, export_program, load_spec, save_multifunction
 from sfedge.export.coreml_llm import DecoderStep, EmbedStep, use_masked_cache
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
-from sfedge.models import SFLlava
-from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, target_rank
+from sfedge.models import SFLlava, release_part
+from sfedge.quantize.coreml import STATEFUL_TARGET, check_target, compress, quantized_before_conversion, target_rank
+from sfedge.quantize.coreml_torch import llm_quantized_in_torch, quantize_linears, quantize_llm, quantizes_in_torch
 from sfedge.quantize.recipes import Recipe
 
 VISION_FILE, LLM_FILE = "vision_encoder.mlpackage", "llm.mlpackage"
@@ -42,13 +44,22 @@ def component_targets(options: ExportOptions) -> dict:
 
 
 def _convert_one(module, inputs: List[Port], outputs: List[Port], target: str, scheme, op_types: tuple, path: Path,
-                 progress: Progress, label: str) -> dict:
+                 progress: Progress, label: str, prequantized: Optional[List[str]] = None) -> dict:
+    """``op_types``: the ops whose weights are compressed after conversion. ``prequantized``: the module's linear
+    weights were quantized in torch (quantize/coreml_torch.py; the list names the per-channel fallbacks), so
+    conversion already writes them compressed."""
     with progress.stage(label, "trace"):
         program = export_program(module, inputs)
     with progress.stage(label, "lower"):
         mlmodel = convert(program, inputs, outputs, target)
-    with progress.stage(label, "quantize"):
-        mlmodel, applied = compress(mlmodel, scheme, op_types)
+        del program
+    applied = {}
+    if op_types:
+        with progress.stage(label, "quantize"):
+            mlmodel, applied = compress(mlmodel, scheme, op_types)
+    if prequantized is not None:
+        after = f"; {', '.join(op_types)} after conversion" if op_types else ""
+        applied = quantized_before_conversion(mlmodel, scheme, prequantized + applied.get("per_channel_fallback", []), after)
     with progress.stage(label, "serialize"):
         mlmodel.save(str(path))
     return applied
@@ -64,8 +75,13 @@ def export_vision(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
     component = Component.VISION_ENCODER.value
     inputs = [Port("pixels", (options.encoder_batch, 3, vision.frame_size, vision.frame_size), "float16")]
     outputs = [Port("features", (options.encoder_batch, vision.patches_per_frame, vision.width), "float16")]
-    applied = _convert_one(model.vision_encoder, inputs, outputs, target, recipe.scheme(component), ("linear", "conv"),
-                           out / VISION_FILE, progress, component)
+    scheme = recipe.scheme(component)
+    prequantized, op_types = None, ("linear", "conv")
+    if quantizes_in_torch(scheme):  # the linears (96% of the weights) in torch, the patch-embedding conv after conversion
+        with progress.stage(component, "quantize"):
+            prequantized, op_types = quantize_linears(model.vision_encoder, scheme), ("conv",)
+    applied = _convert_one(model.vision_encoder, inputs, outputs, target, scheme, op_types, out / VISION_FILE, progress,
+                           component, prequantized)
     return _static_entry(out, component, VISION_FILE, inputs, outputs, applied, target)
 
 
@@ -99,7 +115,11 @@ def llm_ports(hidden: int, vocab: int, chunk: int) -> dict:
             FN_PREFILL: step(chunk), FN_DECODE: step(1)}
 
 
-def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress) -> List[ArtifactEntry]:
+def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path, progress: Progress,
+               prequantized: Optional[List[str]] = None, before_merge: Optional[Callable[[], None]] = None) -> List[ArtifactEntry]:
+    """``prequantized``: the LLM's weights were quantized in torch (see ``export_coreml``). ``before_merge``: runs
+    once the three functions are converted and saved, before ``save_multifunction`` loads them back (e.g. to
+    release the torch weights: the merge holds every function's weights at once and sets the export's peak)."""
     llm = model.config.llm
     decoder = model.text_decoder
     use_masked_cache(decoder)
@@ -114,8 +134,13 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Path
         parts = {}
         for function, module in modules.items():
             parts[function] = parts_dir / f"{function}.mlpackage"
-            applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function], op_types[function],
-                                             parts[function], progress, f"llm.{function}")
+            applied[function] = _convert_one(module, *ports[function], STATEFUL_TARGET, schemes[function],
+                                             () if prequantized is not None else op_types[function], parts[function],
+                                             progress, f"llm.{function}", prequantized)
+        del modules
+        if before_merge is not None:
+            before_merge()
+        gc.collect()
         with progress.stage("llm", "serialize"):
             save_multifunction(parts, FN_DECODE, out / LLM_FILE)
     finally:
@@ -153,8 +178,23 @@ def export_coreml(model: SFLlava, options: ExportOptions, recipe: Recipe, out: P
         entries.append(export_vision(model, options, recipe, out, progress, targets[Component.VISION_ENCODER.value]))
     with model_part(model, "projector", progress):
         entries += export_projectors(model, options, recipe, out, progress, targets[Component.PROJECTOR.value])
-    with model_part(model, "llm", progress):
-        entries += export_llm(model, options, recipe, out, progress)
+    # int4 / int8 LLM weights: quantized in torch (each decoder layer as soon as it is filled), so no float32 copy of
+    # the LLM is ever converted; the stored weights are those compress() would write (quantize/coreml_torch.py)
+    scheme = recipe.scheme(Component.TEXT_DECODER)
+    in_torch = llm_quantized_in_torch(recipe)
+    fallback: List[str] = []
+    on_layer = None
+    if in_torch:
+        def on_layer(layer):
+            fallback.extend(quantize_linears(layer, scheme, f"layers.{list(model.text_decoder.layers).index(layer)}"))
+    with model_part(model, "llm", progress, on_layer=on_layer) as filled:
+        prequantized = None
+        if in_torch:
+            with progress.stage("llm", "quantize"):
+                prequantized = fallback + quantize_llm(model, scheme, layers_done=filled)
+        # a part this export filled is released before the merge (a model built whole is left as it is)
+        entries += export_llm(model, options, recipe, out, progress, prequantized,
+                              before_merge=(lambda: release_part(model, "llm")) if filled else None)
     return entries
 
 

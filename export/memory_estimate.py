@@ -22,6 +22,7 @@ from typing import Dict
 from sfedge.memory import GiB, LIMIT_ENV, Available, InsufficientMemory, available_memory, gib
 
 OVERRIDE_FLAG = "--ignore-memory-check"
+COREML_LLM_IN_TORCH = "coreml, LLM quantized in torch"
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,15 @@ FOOTPRINTS: Dict[str, Footprint] = {
     # embed_tokens int4 quantize 2.82 GiB = 0.5 + 2.7 x 0.87 GiB (the decoder's, MatMul weights memory-mapped: 1.84)
     "onnx": Footprint(int(0.6 * GiB), 1.1, 2.8, 0.15, "2-layer probe, int4"),
     # lm_head 8da4w quantize 4.71 GiB = 0.5 + 4.5 x 0.87 GiB + the quantized layers
-    "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.2, "2-layer probe, 8da4w-flat"),
+    # the 1B 8da4w export (7.83 GiB at the lm_head's HQQ quantize, ~2.1 GiB left resident by the vision lowering)
+    "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.52, "2-layer probe, 8da4w-flat; 1B 8da4w export"),
     # llm.decode convert 4.33 GiB = 0.5 + 3.1 x 1.22 GiB (torch float32 + MIL program + what earlier functions left)
     "coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "2-layer probe, int4"),
+    # int4 / int8 recipes: the LLM quantized in torch layer by layer and converted with its int4 weights
+    # (quantize/coreml_torch.py). The peak is save_multifunction (all three functions' weights loaded back):
+    # 2-layer probe 1.90 GiB (its torch weights released before the merge); +0.17 GiB per layer (8-layer probe
+    # before that release, minus the released int8 layer): 1.0 x a layer's float32 bytes, the table ~0.25 x T
+    COREML_LLM_IN_TORCH: Footprint(int(0.6 * GiB), 0.0, 0.3, 1.05, "2- and 8-layer probes, int4 quantized in torch"),
     # builds the whole model and lowers every method at once: Core ML's factor over all parts
     "executorch-coreml": Footprint(int(0.6 * GiB), 3.2, 3.5, 0.2, "Core ML's factors, whole model"),
 }
@@ -75,22 +82,43 @@ def kv_cache_bytes(model) -> int:
                if name.rsplit(".", 1)[-1] in ("k_cache", "v_cache"))
 
 
-def largest_tensor_bytes(model) -> int:
-    return max((p.numel() * 4 for p in model.parameters()), default=0)
+def largest_tensor_bytes(model, part: str | None = None) -> int:
+    """Float32 bytes of the largest tensor of ``part`` (or of the whole model)."""
+    from sfedge.models import PART_MODULES
+
+    modules = [getattr(model, name) for name in PART_MODULES[part]] if part else [model]
+    return max((p.numel() * 4 for module in modules for p in module.parameters()), default=0)
 
 
-def estimate_export_peak(model, backend: str) -> MemoryEstimate:
-    """``model``: the empty (meta) model the export will fill."""
+def footprint_for(backend: str, part: str, recipe: str | None = None) -> Footprint:
+    """The factors of ``part``'s stages: Core ML's LLM quantized in torch before conversion has its own."""
+    if backend == "coreml" and part == "llm" and recipe:
+        from sfedge.quantize.coreml_torch import llm_quantized_in_torch
+        from sfedge.quantize.recipes import get_recipe
+
+        if llm_quantized_in_torch(get_recipe(backend, recipe)):
+            return FOOTPRINTS[COREML_LLM_IN_TORCH]
+    return FOOTPRINTS.get(backend, FOOTPRINTS["coreml"])
+
+
+def _stage_bytes(footprint: Footprint, held: int, largest_tensor: int) -> float:
+    return max(footprint.part_factor * held, footprint.tensor_factor * largest_tensor + footprint.quantized_fraction * held)
+
+
+def estimate_export_peak(model, backend: str, recipe: str | None = None) -> MemoryEstimate:
+    """``model``: the empty (meta) model the export will fill; ``recipe``: the --quant name (it picks the factors
+    where a backend's recipes take different routes)."""
     from sfedge.export.api import PART_BY_PART
 
-    footprint = FOOTPRINTS.get(backend, FOOTPRINTS["coreml"])
     sizes = part_bytes(model)
     largest = max(sizes, key=sizes.get)
-    held = sizes[largest] if backend in PART_BY_PART else sum(sizes.values())
     kv = kv_cache_bytes(model)
-    stage = max(footprint.part_factor * held,
-                footprint.tensor_factor * largest_tensor_bytes(model) + footprint.quantized_fraction * held)
-    return MemoryEstimate(int(footprint.base_bytes + kv + stage), largest, sizes, kv)
+    if backend in PART_BY_PART:  # one part held at a time: the costliest part's stage sets the peak
+        stage = max(_stage_bytes(footprint_for(backend, part, recipe), sizes[part], largest_tensor_bytes(model, part))
+                    for part in sizes)
+    else:
+        stage = _stage_bytes(FOOTPRINTS.get(backend, FOOTPRINTS["coreml"]), sum(sizes.values()), largest_tensor_bytes(model))
+    return MemoryEstimate(int(FOOTPRINTS.get(backend, FOOTPRINTS["coreml"]).base_bytes + kv + stage), largest, sizes, kv)
 
 
 def check_memory(estimate: MemoryEstimate, available: Available | None = None) -> Available:

@@ -127,6 +127,16 @@ def compress(mlmodel, scheme: ComponentScheme, op_types: tuple, weight_threshold
     raise UsageError(f"Core ML scheme {scheme.scheme!r} is not supported; use one of: {', '.join(SCHEME_OPS)}")
 
 
+def quantized_before_conversion(mlmodel, scheme: ComponentScheme, per_channel_fallback: list, after: str = "") -> dict:
+    """The manifest's quantization dict of a function whose weights quantize/coreml_torch.py quantized in torch
+    (same values and ops as ``compress`` would have written; counted in the converted program)."""
+    opts = scheme.options
+    return {**scheme.to_dict(), "applied": f"linear_quantize_weights {opts['dtype']} {opts['granularity']}, computed on the "
+                                            f"torch weights before conversion (torchao dequantize_affine){after}",
+            "compressed_weights": _count_ops(mlmodel, SCHEME_OPS[scheme.scheme]),
+            "per_channel_fallback": sorted(per_channel_fallback)}
+
+
 def _count_ops(mlmodel, op_type: str) -> int:
     """How many weights the compressed program really decompresses with ``op_type`` (the manifest's count)."""
     return sum(op.op_type == op_type for f in mlmodel._mil_program.functions.values() for op in f.operations)

@@ -140,9 +140,12 @@ class StageMeter:
         self.sampler.reset()
 
     def end(self) -> StagePeak:
-        sampled, hwm = self.sampler.high(), peak_rss()
+        hwm = peak_rss()
+        # a VmRSS reading can run a page or so above VmHWM (the kernel folds per-thread RSS counters into the
+        # high-water mark lazily): no stage peak is above the process's
+        sampled = min(self.sampler.high(), hwm)
         if hwm > self._hwm_before:  # the process peak rose during this stage: VmHWM is this stage's exact peak
-            return StagePeak(max(sampled, hwm), True)
+            return StagePeak(hwm, True)
         return StagePeak(sampled, False)
 
 

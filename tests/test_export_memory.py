@@ -207,3 +207,14 @@ def test_frugal_allclose_answers_as_numpy_and_restores_it():
             assert np.allclose(a.astype(np.float32), a.astype(np.float32) + 1e-7, rtol=0.0, atol=1e-6)
             assert np.allclose([1.0], [1.0])  # lists and small arrays go to numpy's own
     assert np.allclose is original
+
+
+def test_coreml_estimate_follows_the_route_of_the_recipe():
+    import sfedge.export.coreml  # noqa: F401  (registers coreml as a part-by-part exporter)
+
+    one = empty_model(get_preset("sf-llava-1.5-1b"), max_seq_len=2048)
+    int4, fp16 = estimate_export_peak(one, "coreml", "int4"), estimate_export_peak(one, "coreml", "fp16")
+    # int4: the LLM is quantized in torch, the vision encoder (converted in float32, then int8) sets the peak
+    assert int4.peak_bytes < 8 * GiB < fp16.peak_bytes
+    assert estimate_export_peak(one, "coreml", "palettize4").peak_bytes == fp16.peak_bytes  # compressed after conversion
+    assert estimate_export_peak(one, "coreml").peak_bytes == fp16.peak_bytes  # no recipe: the float route, errs high
