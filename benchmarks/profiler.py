@@ -207,6 +207,7 @@ def _vision_phase(job: ProfileJob, pipeline, points: dict, row: dict, load_video
     pipeline.encode_frames(pixels[:session.encoder_batch or 1])  # warm-up; a 1B frame takes seconds, each call is timed once
     encode_calls: list = []
     features = pipeline.encode_frames(pixels, encode_calls)
+    del pixels  # as Pipeline.encode_video: the projector runs without them
     points["encode"].extend(encode_calls)
     row.update({"video_ms": video_ms, "vision_encode_ms": sum(ms for _, ms in encode_calls)})
     if session.frame_counts and n not in session.frame_counts:
