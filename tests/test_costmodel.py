@@ -189,10 +189,18 @@ def test_profile_round_trip_and_bad_files(tmp_path, capsys):
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(SfedgeError, match="not an sfedge device profile"):
         load_profile(str(path))
-    for old in ("sfedge-device-profile/1", "sfedge-device-profile/2"):  # /2: the LLM memory line was in frames
-        path.write_text(json.dumps({**profile.to_dict(), "schema": old}))
-        with pytest.raises(SfedgeError, match=rf"another format \({old}; .*measure it again"):
-            load_profile(str(path))
+    path.write_text(json.dumps({**profile.to_dict(), "schema": "sfedge-device-profile/1"}))
+    with pytest.raises(SfedgeError, match=r"another format \(sfedge-device-profile/1; .*measure it again"):
+        load_profile(str(path))
+    # a /2 profile (its LLM memory line in frames) is read and evaluated in frames, as it was written
+    old = profile.to_dict()
+    old["fits"]["llm_bytes"] = {**old["fits"]["llm_bytes"], "x": "frames", "intercept": 300e6, "slope": 1e6}
+    path.write_text(json.dumps({**old, "schema": "sfedge-device-profile/2"}))
+    at_16 = predict(load_profile(str(path)), frames=16, visual_tokens=800, slowfast="s", text_tokens=40, gen_tokens=32)
+    assert at_16.peak_rss_bytes == pytest.approx((100 << 20) + 57344 * 872 + 300e6 + 1e6 * 16, rel=1e-6)
+    path.write_text(json.dumps({**profile.to_dict(), "fits": {**old["fits"], "llm_bytes": {**old["fits"]["llm_bytes"], "x": "ms"}}}))
+    with pytest.raises(SfedgeError, match="llm_bytes line is in 'ms'"):
+        load_profile(str(path))
     path.write_text(profile.to_json())
     assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "128", "--profile", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
