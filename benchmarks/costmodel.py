@@ -16,9 +16,10 @@ The model, stage by stage (x = what the stage's cost grows with):
 - peak RSS = RSS before the folder is opened (interpreter + imports) + the larger of the two phases'
   needs: the vision phase (artifacts loaded so far, frames, pixels, features, the projector's buffers:
   a + b x frames) and the LLM phase (artifacts, KV bytes per token x context, the prefill's buffers:
-  a + b x frames). The KV bytes per token come from the manifest's kv_dtype; both lines are fitted on
-  each phase's measured peak in a fresh process per profiled count. (Not RSS after load: backends
-  load lazily and opening a folder has transient peaks, so that base varied by ~400 MB per process.)
+  a + b x context, context = the positions in the KV cache). The KV bytes per token come from the
+  manifest's kv_dtype; both lines are fitted on each phase's measured peak in a fresh process per
+  profiled count (the LLM line also on the largest count's prefill continued to twice its context).
+  (Not RSS after load: backends load lazily and opening a folder has transient peaks.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from sfedge.errors import SfedgeError
 
-SCHEMA = "sfedge-device-profile/2"  # 2: the memory model has a vision and an LLM phase
+# 2: the memory model has a vision and an LLM phase; 3: the LLM phase's line is in the context, not in frames
+SCHEMA = "sfedge-device-profile/3"
+# a /2 profile is still read: its llm_bytes line says x = "frames" and is evaluated there, as when it was written
+READABLE_SCHEMAS = (SCHEMA, "sfedge-device-profile/2")
+LLM_MEMORY_X = ("frames", "context")  # what the llm_bytes line of a readable profile may be a line in
 KV_BYTES_PER_VALUE = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "int8": 1}
 EXTRAPOLATION_SLACK = 1.05  # up to 5 % past the measured range still counts as measured
 
@@ -176,10 +181,10 @@ def load_profile(path: str) -> DeviceProfile:
     except ValueError as exc:
         raise SfedgeError(f"device profile {path} is not valid JSON ({exc})") from None
     schema = data.get("schema") if isinstance(data, dict) else None
-    if isinstance(schema, str) and schema.startswith(SCHEMA.split("/")[0] + "/") and schema != SCHEMA:
-        raise SfedgeError(f"{path} is a device profile of another format ({schema}; this sfedge reads {SCHEMA}); "
-                          "measure it again with `sfedge bench DIR --profile-out FILE`")
-    if schema != SCHEMA:
+    if isinstance(schema, str) and schema.startswith(SCHEMA.split("/")[0] + "/") and schema not in READABLE_SCHEMAS:
+        raise SfedgeError(f"{path} is a device profile of another format ({schema}; this sfedge reads "
+                          f"{' and '.join(READABLE_SCHEMAS)}); measure it again with `sfedge bench DIR --profile-out FILE`")
+    if schema not in READABLE_SCHEMAS:
         raise SfedgeError(f"{path} is not an sfedge device profile (expected schema {SCHEMA!r}); "
                           "write one with `sfedge bench DIR --profile-out FILE`")
     try:
@@ -189,6 +194,9 @@ def load_profile(path: str) -> DeviceProfile:
     missing = [name for name in FIT_NAMES if name not in profile.fits]
     if missing:
         raise SfedgeError(f"device profile {path} lacks the fits {', '.join(missing)}")
+    if profile.fits["llm_bytes"].x not in LLM_MEMORY_X:
+        raise SfedgeError(f"device profile {path}: its llm_bytes line is in {profile.fits['llm_bytes'].x!r}, "
+                          f"not one of {', '.join(LLM_MEMORY_X)}")
     return profile
 
 
@@ -284,7 +292,8 @@ def predict(profile: DeviceProfile, frames: int, visual_tokens: int, slowfast: s
     first_step = max(decode_fit(prompt), 1e-9)
     decode_total = prefill_ms(decode_fit, max(gen_tokens - 1, 0), prompt)
     vision_phase = max(fits["vision_bytes"](frames), 0.0)
-    llm_phase = model.kv_bytes_per_token * context + max(fits["llm_bytes"](frames), 0.0)
+    llm_x = {"frames": frames, "context": context}[fits["llm_bytes"].x]  # "frames": a schema-2 profile
+    llm_phase = model.kv_bytes_per_token * context + max(fits["llm_bytes"](llm_x), 0.0)
     peak = profile.rss_start_bytes + max(vision_phase, llm_phase)
     return Prediction(label=model.label, backend=model.backend, recipe=model.recipe, frames=frames, slowfast=slowfast,
                       visual_tokens=visual_tokens, prompt_tokens=prompt, stages_ms=stages, ttft_ms=sum(stages.values()),

@@ -10,9 +10,12 @@ of each of the two phases (sampled, corrected with VmHWM: sfedge.memory.StageMet
 process's peak at that frame count, as `sfedge bench` measures it, so the memory lines are fitted on
 the quantity they predict (one process for all counts would keep the earlier counts' projectors,
 arenas and features). The vision phase holds the frames, pixels and features (it grows with frames);
-the LLM phase holds the KV cache and the prefill's buffers. The process of the largest count then
-continues the prefill to twice its context for the attention slope, so larger frame counts are
-interpolated. A profile costs about one prefill per count plus one at twice the largest context.
+the LLM phase holds the KV cache and the prefill's buffers (they grow with the context, the positions
+in the cache). The process of the largest count then continues the prefill to twice its context for
+the attention slope, so larger frame counts are interpolated; that continuation is metered too and
+gives the LLM phase's memory a point at twice the context from the same process (the counts' own
+contexts lie within ~10 % of each other when the slow pathway's tokens dominate, too close for a
+slope). A profile costs about one prefill per count plus one at twice the largest context.
 """
 from __future__ import annotations
 
@@ -68,7 +71,9 @@ class CountMeasurement:
     rss_loaded_bytes: int
     peak_rss_bytes: int  # VmHWM after the prompt's prefill and decode steps, before any extension
     vision_bytes: float  # peak of the vision phase (video, encoder, projector) - rss_start
-    llm_bytes: float  # peak of the LLM phase (prefill + decode of the prompt) - rss_start - KV bytes of the context
+    # (positions in the KV cache, peak of the LLM phase - rss_start - KV bytes of those positions): after the
+    # prompt's prefill + decode steps, and for the extending process after the continuation too
+    llm_points: List[Tuple[float, float]]
     max_position: int
     points: Dict[str, List[Tuple[float, float]]]  # POINT_NAMES -> (x, y)
     row: dict = field(default_factory=dict)  # the measured stage times at this count (plotted by `sfedge plan`)
@@ -81,7 +86,8 @@ class CountMeasurement:
         model = dict(data["model"])
         model["frame_counts"] = tuple(model["frame_counts"])
         points = {name: [tuple(p) for p in data["points"][name]] for name in POINT_NAMES}
-        return CountMeasurement(**{**data, "model": ProfiledModel(**model), "points": points})
+        return CountMeasurement(**{**data, "model": ProfiledModel(**model), "points": points,
+                                   "llm_points": [tuple(p) for p in data["llm_points"]]})
 
 
 def _log(message: str) -> None:
@@ -158,13 +164,19 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
         meter.begin()
         llm = _llm_phase(job, pipeline, parts, visual, points, row)
         llm_peak = meter.end().peak_bytes
-    peak = peak_rss_bytes()
-    _log(f"  {n} frames: encode {row['vision_encode_ms']:.1f} ms, prefill {row['context']} tokens "
-         f"{row['prefill_ms_to_here'] / 1e3:.1f} s, decode {row['decode_ms_per_token']:.2f} ms/token, peak RSS "
-         f"{peak / 2**20:.0f} MiB (vision phase {vision_peak / 2**20:.0f}, LLM phase {llm_peak / 2**20:.0f})")
-    row.update({"peak_rss_bytes": peak, "vision_peak_rss_bytes": vision_peak, "llm_peak_rss_bytes": llm_peak})
-    if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
-        llm.extend()
+        peak = peak_rss_bytes()
+        _log(f"  {n} frames: encode {row['vision_encode_ms']:.1f} ms, prefill {row['context']} tokens "
+             f"{row['prefill_ms_to_here'] / 1e3:.1f} s, decode {row['decode_ms_per_token']:.2f} ms/token, peak RSS "
+             f"{peak / 2**20:.0f} MiB (vision phase {vision_peak / 2**20:.0f}, LLM phase {llm_peak / 2**20:.0f})")
+        row.update({"peak_rss_bytes": peak, "vision_peak_rss_bytes": vision_peak, "llm_peak_rss_bytes": llm_peak})
+        beyond_kv = lambda bytes_, positions: bytes_ - rss_start - llm.kv_per_token * positions  # noqa: E731
+        llm_points = [(llm.position, beyond_kv(llm_peak, llm.position))]
+        if job.extend:  # the attention slope needs a long line: larger counts are then interpolated, not extrapolated
+            meter.begin()
+            llm.extend()
+            extended_peak = meter.end().peak_bytes
+            llm_points.append((llm.position, beyond_kv(extended_peak, llm.position)))
+            row["extended_peak_rss_bytes"] = extended_peak
     manifest = session.manifest
     model = ProfiledModel(
         label=source.label, preset=config.name, backend=session.backend,
@@ -175,8 +187,7 @@ def measure_count(job: ProfileJob) -> CountMeasurement:
         kv_bytes_per_token=llm.kv_per_token)
     return CountMeasurement(model=model, threads=torch.get_num_threads(), rss_start_bytes=rss_start,
                             rss_loaded_bytes=rss_loaded, peak_rss_bytes=peak, vision_bytes=vision_peak - rss_start,
-                            llm_bytes=llm_peak - rss_start - llm.kv_per_token * (row["context"] + DECODE_STEPS),
-                            max_position=llm.position, points=points, row=row)
+                            llm_points=llm_points, max_position=llm.position, points=points, row=row)
 
 
 def _vision_phase(job: ProfileJob, pipeline, points: dict, row: dict, load_video, preprocess):
@@ -196,6 +207,7 @@ def _vision_phase(job: ProfileJob, pipeline, points: dict, row: dict, load_video
     pipeline.encode_frames(pixels[:session.encoder_batch or 1])  # warm-up; a 1B frame takes seconds, each call is timed once
     encode_calls: list = []
     features = pipeline.encode_frames(pixels, encode_calls)
+    del pixels  # as Pipeline.encode_video: the projector runs without them
     points["encode"].extend(encode_calls)
     row.update({"video_ms": video_ms, "vision_encode_ms": sum(ms for _, ms in encode_calls)})
     if session.frame_counts and n not in session.frame_counts:
@@ -329,7 +341,7 @@ def fit_profile(job: ProfileJob, parts: List[CountMeasurement]) -> DeviceProfile
         "prefill_ms_per_token": fit_linear(points["prefill"], "position", "ms_per_token", True, "constant"),
         "decode_ms_per_token": fit_linear(points["decode"], "position", "ms_per_token", True, "constant"),
         "vision_bytes": fit_linear(list(zip(frames, (p.vision_bytes for p in parts))), "frames", "bytes"),
-        "llm_bytes": fit_linear(list(zip(frames, (p.llm_bytes for p in parts))), "frames", "bytes"),
+        "llm_bytes": fit_linear([point for p in parts for point in p.llm_points], "context", "bytes"),
     }
     limits = job.limits or {}
     machine = Machine(cpu=cpu_model(), cores=_cores(), threads=parts[0].threads,

@@ -19,7 +19,7 @@ from sfedge.errors import SfedgeError, UsageError
 
 # a made-up machine/model: the true costs the synthetic timings are drawn from
 TRUE = {"video": (5.0, 2.0), "encode": (3.0, 40.0), "projector": (1.0, 0.5), "prefill": (0.8, 0.0004),
-        "decode": (20.0, 0.002), "vision_mem": (50e6, 9e6), "llm_mem": (300e6, 1e6)}
+        "decode": (20.0, 0.002), "vision_mem": (50e6, 9e6), "llm_mem": (300e6, 30e3)}  # llm_mem: bytes + bytes per position
 
 
 def _line(name, xs, noise=0.0, rng=None):
@@ -38,7 +38,7 @@ def synthetic_profile(preset="sf-llava-1.5-1b", backend="executorch", sha="ab" *
         "prefill_ms_per_token": fit_linear(_line("prefill", range(32, max_position, 64), noise, rng), "position", "ms_per_token"),
         "decode_ms_per_token": fit_linear(_line("decode", [3.5, 200, 600, max_position - 10], noise, rng), "position", "ms_per_token"),
         "vision_bytes": fit_linear(_line("vision_mem", frames, noise, rng), "frames", "bytes"),
-        "llm_bytes": fit_linear(_line("llm_mem", frames, noise, rng), "frames", "bytes"),
+        "llm_bytes": fit_linear(_line("llm_mem", [100 + 36 * f for f in frames], noise, rng), "context", "bytes"),
     }
     model = ProfiledModel(label="x", preset=preset, backend=backend, recipe="8da4w", manifest_sha256=sha,
                           slowfast="slowfast-slow_32frms_spatial_2d_avg_pool-fast_6x6", max_context=16384, prefill_chunk=128,
@@ -74,14 +74,15 @@ def _count_part(frames, model, rss_loaded=1500 << 20, extend=False):
     context = 100 + 36 * frames
     positions = [p + 0.5 for p in range(0, 2 * context if extend else context, 128)]
     vision = TRUE["vision_mem"][0] + TRUE["vision_mem"][1] * frames
-    llm = TRUE["llm_mem"][0] + TRUE["llm_mem"][1] * frames
-    peak = (100 << 20) + max(vision, model.kv_bytes_per_token * (context + 8) + llm)  # from rss_start
+    held = [context + 8] + ([2 * context + 8] if extend else [])  # positions in the cache: prompt + decode steps (, continued)
+    llm_points = _line("llm_mem", held)
+    peak = (100 << 20) + max(vision, model.kv_bytes_per_token * held[0] + llm_points[0][1])  # from rss_start
     points = {"video": _line("video", [frames]), "encode": _line("encode", [1] * frames),
               "projector": _line("projector", [frames]), "prefill": _line("prefill", positions),
               "decode": _line("decode", [3.5, context + 3.5] + ([2 * context + 3.5] if extend else []))}
     row = {"frames": frames, "embed_ms": 2.0, "context": context, "peak_rss_bytes": peak}
     return CountMeasurement(model=model, threads=2, rss_start_bytes=100 << 20, rss_loaded_bytes=rss_loaded,
-                            peak_rss_bytes=peak, vision_bytes=vision, llm_bytes=llm, max_position=(2 if extend else 1) * context + 8,
+                            peak_rss_bytes=peak, vision_bytes=vision, llm_points=llm_points, max_position=(2 if extend else 1) * context + 8,
                             points=points, row=row)
 
 
@@ -123,12 +124,23 @@ def test_prediction_adds_up_the_stages():
     assert p.ttft_ms == pytest.approx(sum(p.stages_ms.values()))
     assert p.decode_tokens_per_s == pytest.approx(1000 / (20.0 + 0.002 * 840))
     # peak = loaded + the larger phase: here the LLM's (KV of 872 positions + its buffers) ...
-    assert p.peak_rss_bytes == pytest.approx((100 << 20) + 57344 * 872 + 300e6 + 1e6 * 16, rel=1e-6)
+    assert p.peak_rss_bytes == pytest.approx((100 << 20) + 57344 * 872 + 300e6 + 30e3 * 872, rel=1e-6)
     # ... and at 128 frames with a short prompt the vision phase's (frames, features, projector)
     short = predict(profile, frames=128, visual_tokens=100, slowfast="s", text_tokens=40, gen_tokens=1)
     assert short.peak_rss_bytes == pytest.approx((100 << 20) + 50e6 + 9e6 * 128, rel=1e-6)
     static = dataclasses.replace(profile, model=dataclasses.replace(profile.model, encoder_batch=4))
     assert predict(static, 10, 800, "s").stages_ms["vision_encode"] == pytest.approx(3 * (3.0 + 40.0 * 4))  # 3 padded calls
+
+
+def test_llm_memory_follows_the_context_not_the_frames():
+    """Schema 3: the LLM phase's buffers (attention over the cache, like the cache itself) grow with the
+    positions held, so at one frame count a spec with 4,000 more visual tokens needs their KV cache and their
+    buffers (a line in frames, schema 2, gave the same buffers to both)."""
+    profile = synthetic_profile()
+    few = predict(profile, frames=16, visual_tokens=800, slowfast="s", text_tokens=40, gen_tokens=32)
+    many = predict(profile, frames=16, visual_tokens=4800, slowfast="s", text_tokens=40, gen_tokens=32)
+    assert many.peak_rss_bytes - few.peak_rss_bytes == pytest.approx((57344 + TRUE["llm_mem"][1]) * 4000, rel=1e-6)
+    assert profile.fits["llm_bytes"].x == "context"
 
 
 def test_extrapolation_is_flagged():
@@ -179,6 +191,15 @@ def test_profile_round_trip_and_bad_files(tmp_path, capsys):
         load_profile(str(path))
     path.write_text(json.dumps({**profile.to_dict(), "schema": "sfedge-device-profile/1"}))
     with pytest.raises(SfedgeError, match=r"another format \(sfedge-device-profile/1; .*measure it again"):
+        load_profile(str(path))
+    # a /2 profile (its LLM memory line in frames) is read and evaluated in frames, as it was written
+    old = profile.to_dict()
+    old["fits"]["llm_bytes"] = {**old["fits"]["llm_bytes"], "x": "frames", "intercept": 300e6, "slope": 1e6}
+    path.write_text(json.dumps({**old, "schema": "sfedge-device-profile/2"}))
+    at_16 = predict(load_profile(str(path)), frames=16, visual_tokens=800, slowfast="s", text_tokens=40, gen_tokens=32)
+    assert at_16.peak_rss_bytes == pytest.approx((100 << 20) + 57344 * 872 + 300e6 + 1e6 * 16, rel=1e-6)
+    path.write_text(json.dumps({**profile.to_dict(), "fits": {**old["fits"], "llm_bytes": {**old["fits"]["llm_bytes"], "x": "ms"}}}))
+    with pytest.raises(SfedgeError, match="llm_bytes line is in 'ms'"):
         load_profile(str(path))
     path.write_text(profile.to_json())
     assert main(["budget", "--model", "sf-llava-1.5-1b", "--frames", "128", "--profile", str(path), "--json"]) == 0

@@ -20,10 +20,15 @@ import torch
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
 from sfedge.manifest import Component, Manifest, artifact_path
+from sfedge.memory import release_free_heap
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 from sfedge.runtime.sessions.onnx_kv import KVCache, open_cache
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
+# Graphs that run once per frame or once per video: without ONNX Runtime's CPU arena their buffers go back to
+# the OS after each call instead of staying reserved (grown by doubling) for the rest of the process, i.e.
+# under the LLM's prefill. The decoder and the embedding keep the arena: they run every chunk and token.
+NO_ARENA = frozenset({Component.VISION_ENCODER.value, Component.PROJECTOR.value})
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -53,6 +58,15 @@ class _Graph:
 
     def run(self, **inputs: np.ndarray) -> List[np.ndarray]:
         return self.session.run(None, {name: self.feed(name, value) for name, value in inputs.items()})
+
+
+def session_options(ort, options: SessionOptions, component: str):
+    """The ORT SessionOptions of one component's graph (threads; the CPU arena per NO_ARENA)."""
+    session_options = ort.SessionOptions()
+    if options.threads:
+        session_options.intra_op_num_threads = int(options.threads)
+    session_options.enable_cpu_mem_arena = component not in NO_ARENA
+    return session_options
 
 
 def _projector_key(frames: int) -> str:
@@ -88,13 +102,13 @@ class OnnxRuntimeSession(ModelSession):
             raise SfedgeError(f"ONNX Runtime execution provider {provider!r} is not available in this onnxruntime "
                               f"build; available: {', '.join(available)}")
         providers = [provider] if provider == DEFAULT_PROVIDER else [provider, DEFAULT_PROVIDER]
-        session_options = ort.SessionOptions()
-        if options.threads:
-            session_options.intra_op_num_threads = int(options.threads)
-        graphs = {entry.component: _Graph(artifact_path(folder, entry.file), session_options, providers)
+        graphs = {entry.component: _Graph(artifact_path(folder, entry.file), session_options(ort, options, entry.component),
+                                          providers)
                   for entry in manifest.components if entry.component != Component.PROJECTOR.value}
-        graphs.update({_projector_key(frames): _Graph(artifact_path(folder, entry.file), session_options, providers)
+        graphs.update({_projector_key(frames): _Graph(artifact_path(folder, entry.file),
+                                                      session_options(ort, options, Component.PROJECTOR.value), providers)
                        for frames, entry in manifest.projectors().items()})
+        release_free_heap()  # the model protos and pre-packing copies freed while loading: back to the OS
         missing = {c.value for c in Component if c != Component.PROJECTOR} - set(graphs)
         if missing:
             raise SfedgeError(f"{folder}: the manifest lists no file for {', '.join(sorted(missing))}; re-export the model")
