@@ -141,33 +141,29 @@ def reference_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out.transpose(1, 2).to(q.dtype)
 
 
+def _define_attention_op(library, name: str, reference) -> None:
+    """One (q, k_cache, v_cache, start_pos) -> q-shaped op and its ``.out`` variant: the PyTorch reference for eager
+    runs, a fake-tensor rule for tracing (the C++ kernel registers the ``.out`` variant with ExecuTorch)."""
+    library.define(f"{name}(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
+    library.define(f"{name}.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def out_variant(q, k_cache, v_cache, start_pos, *, out):
+        out.copy_(reference(q, k_cache, v_cache, start_pos))
+        return out
+
+    library.impl(name, reference, "CompositeExplicitAutograd")
+    library.impl(f"{name}.out", out_variant, "CompositeExplicitAutograd")
+    library.impl(name, lambda q, k_cache, v_cache, start_pos: torch.empty_like(q), "Meta")
+    library.impl(f"{name}.out", lambda q, k_cache, v_cache, start_pos, *, out: out, "Meta")
+
+
 def define_ops() -> None:
-    """Register ``torch.ops.sfedge.decode_attention`` (+ ``.out``) for tracing and eager use (idempotent)."""
+    """Register ``torch.ops.sfedge.decode_attention`` and ``chunk_attention`` (+ ``.out``) for tracing and eager
+    use (idempotent)."""
     global _library
     if _library is not None:
         return
     library = torch.library.Library(OP_NAMESPACE, "DEF")
-    library.define(f"{OP_NAME}(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
-    library.define(f"{OP_NAME}.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)")
-
-    def out_variant(q, k_cache, v_cache, start_pos, *, out):
-        out.copy_(reference_decode_attention(q, k_cache, v_cache, start_pos))
-        return out
-
-    library.impl(OP_NAME, reference_decode_attention, "CompositeExplicitAutograd")
-    library.impl(f"{OP_NAME}.out", out_variant, "CompositeExplicitAutograd")
-    library.impl(OP_NAME, lambda q, k_cache, v_cache, start_pos: torch.empty_like(q), "Meta")
-    library.impl(f"{OP_NAME}.out", lambda q, k_cache, v_cache, start_pos, *, out: out, "Meta")
-
-    library.define(f"{CHUNK_OP_NAME}(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos) -> Tensor")
-    library.define(f"{CHUNK_OP_NAME}.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, *, Tensor(a!) out) -> Tensor(a!)")
-
-    def chunk_out_variant(q, k_cache, v_cache, start_pos, *, out):
-        out.copy_(reference_chunk_attention(q, k_cache, v_cache, start_pos))
-        return out
-
-    library.impl(CHUNK_OP_NAME, reference_chunk_attention, "CompositeExplicitAutograd")
-    library.impl(f"{CHUNK_OP_NAME}.out", chunk_out_variant, "CompositeExplicitAutograd")
-    library.impl(CHUNK_OP_NAME, lambda q, k_cache, v_cache, start_pos: torch.empty_like(q), "Meta")
-    library.impl(f"{CHUNK_OP_NAME}.out", lambda q, k_cache, v_cache, start_pos, *, out: out, "Meta")
+    _define_attention_op(library, OP_NAME, reference_decode_attention)
+    _define_attention_op(library, CHUNK_OP_NAME, reference_chunk_attention)
     _library = library

@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'sfedge[onnx]')")
 
 from sfedge.errors import SfedgeError  # noqa: E402
+from sfedge.quantize import onnx_int8_channel as int8_channel  # noqa: E402
 from sfedge.manifest import Component, read_manifest  # noqa: E402
 from sfedge.models import WeightsSource, build_model  # noqa: E402
 from sfedge.quantize import onnx as onnx_quant  # noqa: E402
@@ -326,13 +327,13 @@ def test_int4_reads_matmul_weights_memory_mapped_and_matches_a_full_load(tmp_pat
 def test_int8_channel_weights_round_per_column_in_row_steps():
     weight = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
     weight[:, 3] = 0.0  # an all-zero column: scale 1, values 0
-    quantized, scale = onnx_quant.int8_channel_weights(weight, rows_per_step=8)
+    quantized, scale = int8_channel.int8_channel_weights(weight, rows_per_step=8)
     expected_scale = np.abs(weight).max(axis=0) / 127.0
     expected_scale[3] = 1.0
     np.testing.assert_allclose(scale, expected_scale, rtol=1e-7)
     np.testing.assert_array_equal(quantized, np.clip(np.rint(weight / expected_scale), -127, 127).astype(np.int8))
     assert quantized.dtype == np.int8 and np.abs(quantized).max(axis=0)[[0, 1, 2, 4]].tolist() == [127] * 4
-    whole, _ = onnx_quant.int8_channel_weights(weight, rows_per_step=1000)
+    whole, _ = int8_channel.int8_channel_weights(weight, rows_per_step=1000)
     np.testing.assert_array_equal(quantized, whole)
 
 
