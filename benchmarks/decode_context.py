@@ -36,7 +36,8 @@ def _open(path: Path):
         from sfedge.manifest import Component, read_manifest
 
         decoder = read_manifest(path).component(Component.TEXT_DECODER)
-        flat_from = decoder.extra.get("decode_method_from_position")
+        # the session decodes through the flat method from this position on (never, for one-method folders)
+        flat_from = int(decoder.extra.get("decode_method_from_position", decoder.extra["max_seq_len"]))
         needs_kernels = bool(decoder.extra.get("sfedge_kernels"))
         path = path / decoder.file
     if not path.is_file():

@@ -76,7 +76,11 @@ def build_pipeline(case: BenchCase):
 
     source = case.source
     if source.folder:
-        return Pipeline.from_folder(source.folder, SessionOptions(verify=case.verify, threads=case.threads), source.backend)
+        from sfedge.runtime.pipeline import VideoOptions
+
+        pipeline = Pipeline.from_folder(source.folder, SessionOptions(verify=case.verify, threads=case.threads), source.backend)
+        pipeline.load_for_video(VideoOptions(max_frames=case.frames))  # in the load time, not in the first TTFT
+        return pipeline
     from sfedge.budget import DEFAULT_QUESTION, compute_budget
     from sfedge.config import get_preset
     from sfedge.models import WeightsSource

@@ -32,7 +32,7 @@ from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, q
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
-from sfedge.export.executorch_llm import FLAT_METHODS, METHOD_DECODE_FLAT, MODE_OPS, flat_from_position, set_attention_mode, use_custom_ops
+from sfedge.export.executorch_llm import ATTENTION_FORMS, METHOD_DECODE_FLAT, MODE_OPS, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
 METHOD_PROJECTOR = Component.PROJECTOR.value
@@ -181,26 +181,27 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     example = min(2, chunk)
     kv_dtype, attention = decoder_options(recipe.scheme(Component.TEXT_DECODER))
     with progress.stage(Component.TEXT_DECODER.value, "trace"):
-        flat_method = FLAT_METHODS.get(attention)  # two methods: text_decoder (prefill) + a T = 1 flat decode method
-        use_custom_ops(model.text_decoder, flat_method.prefill if flat_method else attention, kv_dtype)
+        form = ATTENTION_FORMS[attention]  # text_decoder's mode, and an optional T = 1 flat decode method
+        use_custom_ops(model.text_decoder, form.prefill, kv_dtype)
         programs = {
             METHOD_TOKEN_EMBEDDING: _trace(model.token_embedding, (torch.zeros(1, example, dtype=torch.long),),
                                            ({1: tokens},)),
             METHOD_TEXT_DECODER: _trace(model.text_decoder, (torch.zeros(1, example, llm.hidden),
                                                              torch.zeros(1, dtype=torch.long)), ({1: tokens}, None)),
         }
-        if flat_method:  # + a T = 1 decode method over the same cache (gqa-masked, or sfedge's prefix kernel)
-            set_attention_mode(model.text_decoder, flat_method.mode)
+        if form.flat:  # + a T = 1 decode method over the same cache
+            set_attention_mode(model.text_decoder, form.flat.mode)
             programs[METHOD_DECODE_FLAT] = _trace(model.text_decoder, (torch.zeros(1, 1, llm.hidden),
                                                                        torch.zeros(1, dtype=torch.long)))
     constants = constant_methods(model, options.max_context)
     with progress.stage("llm", "lower"):
-        data = lower_programs(programs, constants, share_mutable_buffers=flat_method is not None)
+        data = lower_programs(programs, constants, share_mutable_buffers=form.flat is not None)
     _write(folder, file, data, "llm", progress)
     shared = dict(max_seq_len=options.max_context, prefill_chunk=chunk, constant_methods=constants)
-    flat = (dict(decode_method=METHOD_DECODE_FLAT, decode_method_from_position=flat_from_position(options.max_context, attention),
-                 **({"sfedge_kernels": True} if flat_method.kernels else {}))
-            if flat_method else {})
+    methods = (dict(decode_method=METHOD_DECODE_FLAT, decode_method_from_position=flat_from_position(options.max_context, attention))
+               if form.flat else {})
+    if form.kernels:
+        methods["sfedge_kernels"] = True
     embedding = artifact_entry(
         folder, Component.TOKEN_EMBEDDING.value, file, [TensorSpec("token_ids", [1, TOKENS], "int64")],
         [TensorSpec("embeds", [1, TOKENS, llm.hidden], "float32")], embed_q, METHOD_TOKEN_EMBEDDING,
@@ -210,9 +211,9 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
         folder, Component.TEXT_DECODER.value, file,
         [TensorSpec("inputs_embeds", [1, TOKENS, llm.hidden], "float32"), TensorSpec("input_pos", [1], "int64")],
         [TensorSpec("logits", [1, llm.vocab_size], "float32")], decoder_q, METHOD_TEXT_DECODER,
-        attention=f"llama.update_cache + {MODE_OPS[flat_method.prefill if flat_method else attention]} ({attention})",
+        attention=f"llama.update_cache + {MODE_OPS[form.prefill]} ({attention})",
         attention_mode=attention, kv_dtype=kv_dtype,
-        last_logits_only=True, **flat, **shared)
+        last_logits_only=True, **methods, **shared)
     return [embedding, decoder]
 
 

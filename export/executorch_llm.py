@@ -24,18 +24,19 @@ Two attention modes (``ATTENTION_MODES``), chosen per recipe:
 * ``chunk`` (any T): ``torch.ops.sfedge.chunk_attention``, sfedge's prefill kernel
   (export/kernels/chunk_attention.cpp): token t attends to ``0 .. start_pos + t`` as a flash-attention loop
   over ~96-row tiles (the query heads of a kv head x a few tokens), ~5x custom_sdpa's rate on a prefill
-  chunk at video context lengths.
+  chunk at video context lengths; a single token (a decode step) goes to the decode kernel, in the same op.
 
-A recipe asks for ``causal``, ``gqa-masked`` or a two-method form (``FLAT_METHODS``) that exports
-``text_decoder`` (T in 1..chunk; causal, or chunk for ``sfedge``) for prefill and a T = 1 ``text_decoder_flat`` over the same KV
-cache (``share_mutable_buffers``) that the runtime uses for decode from a position on:
+A recipe asks for an attention form (``ATTENTION_FORMS``): ``causal`` or ``gqa-masked`` (one method), or
 
-* ``switch``: the flat method is gqa-masked, used from ``FLAT_FROM_FRACTION * max_seq_len`` on, where the
-  full-cache pass gets cheaper than the causal one (sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per
-  cached position, gqa-masked ~0.3 us per cache slot).
-* ``sfedge``: the flat method runs sfedge's decode kernel (mode ``prefix``), used for every decode step (from
-  position 0: it is the cheaper one at any context), and ``text_decoder`` prefills with sfedge's chunk kernel
-  (mode ``chunk``) instead of custom_sdpa.
+* ``switch``: two methods over the same KV cache (``share_mutable_buffers``): ``text_decoder`` (T in 1..chunk,
+  causal) for prefill and a T = 1 gqa-masked ``text_decoder_flat`` that the runtime uses for decode from
+  ``FLAT_FROM_FRACTION * max_seq_len`` on, where the full-cache pass gets cheaper than the causal one
+  (sdpa_probe, 1B heads, 2-core Xeon: causal ~0.9 us per cached position, gqa-masked ~0.3 us per cache slot).
+* ``sfedge``: one method, ``text_decoder`` in mode ``chunk`` for prefill chunks and decode steps alike: the chunk
+  kernel hands a single token to the decode kernel, which reads the cache in place. (Folders exported before
+  2026-11-30 13:30 carry a second, ``prefix``-mode ``text_decoder_flat`` method; the runtime still uses it. Loading
+  that second method re-packed every XNNPACK weight: a 3.6-4.5 s stall at the first decode step of a 1B process,
+  and ~0.7 GB more memory.)
 
 The KV cache dtype (``KV_DTYPES``) is float32, float16 or bfloat16 (custom_sdpa and update_cache
 take all three; q is cast to the cache dtype, the output back to float32).
@@ -43,6 +44,7 @@ take all three; q is cast to the cache dtype, the output back to float32).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch import nn
@@ -59,21 +61,34 @@ FLAT_FROM_FRACTION = 0.3
 
 @dataclasses.dataclass(frozen=True)
 class FlatMethod:
-    """A two-method export: the T = 1 method's attention mode, the fraction of the cache it is used from, and
-    the attention mode of ``text_decoder`` (prefill)."""
+    """The T = 1 method of a two-method export: its attention mode and the fraction of the cache it is used from."""
     mode: str
     from_fraction: float
-    kernels: bool = False  # needs sfedge's kernel library (export/executorch_kernels.py)
-    prefill: str = "causal"
 
 
-FLAT_METHODS = {"switch": FlatMethod("gqa-masked", FLAT_FROM_FRACTION),
-                "sfedge": FlatMethod("prefix", 0.0, kernels=True, prefill="chunk")}
-EXPORT_ATTENTION = ("causal", "gqa-masked", *FLAT_METHODS)  # what a recipe may ask for
+@dataclasses.dataclass(frozen=True)
+class AttentionForm:
+    """What a recipe's ``attention`` option exports: ``text_decoder``'s mode (prefill chunks, and decode steps
+    unless there is a flat method), the optional T = 1 flat method, and whether sfedge's kernel library is needed."""
+    prefill: str
+    flat: Optional[FlatMethod] = None
+    kernels: bool = False
+
+
+ATTENTION_FORMS = {
+    "causal": AttentionForm("causal"),
+    "gqa-masked": AttentionForm("gqa-masked"),
+    "switch": AttentionForm("causal", FlatMethod("gqa-masked", FLAT_FROM_FRACTION)),
+    # one method: the chunk kernel hands single-token calls to the decode kernel (export/kernels/chunk_attention.cpp)
+    "sfedge": AttentionForm("chunk", kernels=True),
+}
+EXPORT_ATTENTION = tuple(ATTENTION_FORMS)  # what a recipe may ask for
 
 
 def flat_from_position(max_seq_len: int, attention: str = "switch") -> int:
-    return int(max_seq_len * FLAT_METHODS[attention].from_fraction)
+    """Where the flat method takes over decode steps (``max_seq_len``: never, for a one-method form)."""
+    flat = ATTENTION_FORMS[attention].flat
+    return int(max_seq_len * flat.from_fraction) if flat else max_seq_len
 
 
 def load_custom_ops() -> None:

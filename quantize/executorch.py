@@ -94,7 +94,7 @@ register_recipe(Recipe("8da4w-vstatic", BACKEND, "8da4w with a static int8 visio
 # all three). ``attention``: "causal" (reads the cached prefix, one query row per head),
 # "gqa-masked" (the query heads of a kv head folded into one GEMM over the whole cache: decode cost
 # flat in the context, set by --max-context), "switch" (both methods, the runtime picks by position) or
-# "sfedge" (sfedge's chunk kernel for prefill + its decode kernel for every decode step).
+# "sfedge" (one method: sfedge's chunk kernel for prefill, its decode kernel for every decode step).
 # See export/executorch_llm.py and docs/executorch.md.
 KV_DTYPE_DEFAULT, ATTENTION_DEFAULT = "float32", "causal"
 
@@ -124,8 +124,8 @@ register_recipe(Recipe("8da4w-flat", BACKEND, "8da4w plus a second decode method
 # attention "sfedge": sfedge's own kernels (export/kernels/, built with g++ on first use): prefill chunks through
 # chunk_attention.cpp (a flash-attention loop with the query heads of a kv head folded into row tiles, ~5x
 # llama.custom_sdpa on a 1B prefill chunk at video context lengths), decode steps through decode_attention.cpp
-# (reads only the cache positions in use, each row once for all the query heads sharing it) in a second method
-# over the same KV cache; the bfloat16 cache halves the bytes both read. (These replace the "prefix" recipes of
+# (reads only the cache positions in use, each row once for all the query heads sharing it), called by the
+# chunk op for a single token, so one method serves both; the bfloat16 cache halves the bytes both read. (These replace the "prefix" recipes of
 # earlier versions, which prefilled through custom_sdpa: same decode, slower prefill.)
 register_recipe(Recipe("8da4w-sfedge", BACKEND, "8da4w with sfedge's attention kernels for prefill chunks and decode steps "
                        "(used cache prefix only); fp32 KV cache",

@@ -109,7 +109,8 @@ def measure_executorch_runner(job: dict) -> dict:
         _unsafe_reset_threadpool(int(job["threads"]))
     start = time.perf_counter_ns()
     runner = MultimodalRunner(str(Path(folder) / decoder.file), str(Path(folder) / TOKENIZER_FILE))
-    load_ms = (time.perf_counter_ns() - start) / 1e6
+    construct_ms = (time.perf_counter_ns() - start) / 1e6
+    method_load_ms = None  # the runner loads llm.pte's methods inside its first generate(), not in the constructor
     ids = [int(i) for i in token_ids(manifest.model_config["llm"]["vocab_size"], job["prompt_tokens"], job["seed"])]
     samples = empty_samples()
     text = ""
@@ -125,11 +126,15 @@ def measure_executorch_runner(job: dict) -> dict:
         if not stats:
             raise SfedgeError("ExecuTorch's runner reported no stats")
         st = stats[-1]
+        if method_load_ms is None:  # counted as load (its prompt timing starts after it), as ours counts opening llm.pte
+            method_load_ms = float(st["model_load_end_ms"] - st["model_load_start_ms"])
         if st["prompt_tokens"] != job["prompt_tokens"]:
             raise SfedgeError(f"ExecuTorch's runner saw {st['prompt_tokens']} prompt tokens, expected {job['prompt_tokens']}")
         if rep >= job["warmup"]:
             add_sample(samples, st["prompt_tokens"], st["prompt_eval_end_ms"] - st["inference_start_ms"],
                        st["generated_tokens"], st["inference_end_ms"] - st["prompt_eval_end_ms"])
     return {"metrics": summarize_all(samples), "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
-            "name": f"ExecuTorch {metadata.version('executorch')} runner", "model_load_ms": load_ms,
-            "threads": job.get("threads"), "generated_text": text.strip()[:TEXT_KEEP_CHARS]}
+            "name": f"ExecuTorch {metadata.version('executorch')} runner", "model_load_ms": construct_ms + (method_load_ms or 0.0),
+            "threads": job.get("threads"),
+            "notes": [f"load = constructor {construct_ms:,.0f} ms + llm.pte's methods {method_load_ms or 0.0:,.0f} ms "
+                      f"(loaded inside the first generate(), outside its prompt timing)"], "generated_text": text.strip()[:TEXT_KEEP_CHARS]}

@@ -15,6 +15,9 @@
 // outer-product register block (24 AVX-512 accumulators, 4 k vector loads per 24 FMAs); scores go through
 // an online softmax per row (vector exp); P x V accumulates 6 rows x 64 columns in registers per pass over
 // the 64-key block. Each tile reads the prefix once per 96 rows instead of once per row.
+//
+// A single token (a decode step through the same method) goes to decode_attention.cpp's kernel instead, which
+// reads the cache in place: one method serves prefill and decode, so no second method re-packs the weights.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -33,6 +36,13 @@
 #include <vector>
 
 namespace sfedge {
+
+// decode_attention.cpp: one token over positions 0 .. positions - 1 of the cache, read in place.
+void decode_attention_float(const float* q, const float* k, const float* v, float* out, int64_t heads,
+                            int64_t kv_heads, int64_t dim, int64_t positions);
+void decode_attention_bf16(const float* q, const uint16_t* k, const uint16_t* v, float* out, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t positions);
+
 namespace {
 
 using executorch::aten::ScalarType;
@@ -346,6 +356,20 @@ Tensor& chunk_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Te
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
                   InvalidArgument, out);
   const int64_t used = start_pos + tokens;
+  if (tokens == 1) {  // a decode step: the decode kernel reads the prefix in place (packing it costs more than
+                      // the attention itself: 1B, 5.8K cached positions, 108 vs 72 ms per token)
+    if (k_cache.scalar_type() == ScalarType::Float) {
+      decode_attention_float(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+                             out.mutable_data_ptr<float>(), heads, kv_heads, dim, used);
+      return out;
+    }
+    if (k_cache.scalar_type() == ScalarType::BFloat16) {
+      decode_attention_bf16(q.const_data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
+                            static_cast<const uint16_t*>(v_cache.const_data_ptr()), out.mutable_data_ptr<float>(), heads,
+                            kv_heads, dim, used);
+      return out;
+    }
+  }
   const Problem p{tokens, heads, kv_heads, heads / kv_heads, dim, start_pos, kv_heads * dim, used,
                   (used + KEYS - 1) / KEYS * KEYS, 1.0f / std::sqrt(static_cast<float>(dim))};
   if (k_cache.scalar_type() == ScalarType::Float) {

@@ -245,6 +245,19 @@ Tensor& decode_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const T
 }
 
 }  // namespace
+
+// The decode path for chunk_attention.cpp's single-token calls (one prefill method serves decode steps too):
+// reads the cache in place, where the chunk kernel would first pack the whole used prefix.
+void decode_attention_float(const float* q, const float* k, const float* v, float* out, int64_t heads,
+                            int64_t kv_heads, int64_t dim, int64_t positions) {
+  decode_attention<float>(q, k, v, out, heads, kv_heads, dim, positions);
+}
+
+void decode_attention_bf16(const float* q, const uint16_t* k, const uint16_t* v, float* out, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t positions) {
+  decode_attention<uint16_t>(q, k, v, out, heads, kv_heads, dim, positions);
+}
+
 }  // namespace sfedge
 
 EXECUTORCH_LIBRARY(sfedge, "decode_attention.out", sfedge::decode_attention_out);

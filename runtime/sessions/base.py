@@ -74,6 +74,11 @@ class ModelSession(abc.ABC):
             raise SfedgeError(f"{where or 'this ' + self.backend + ' export'} has projectors for {counts} frames, not {frames}: "
                               f"pass --frames with one of those, or re-export with `sfedge export --frames {counts},{frames}`")
 
+    def load_for_video(self, frames: int) -> None:
+        """Load now what a video question of ``frames`` frames runs (vision encoder, that projector, the LLM), so the
+        first question's time to first token holds no loading. Backends that load every graph when opened have
+        nothing left to do."""
+
     def close(self) -> None:  # pragma: no cover - backends with resources override
         pass
 

@@ -156,8 +156,9 @@ class ExecuTorchSession(ModelSession):
         self.frames = self.frame_counts[0]
         self.max_context = int(decoder.extra["max_seq_len"])
         self.max_prefill_chunk = int(decoder.extra["prefill_chunk"])
-        # Recipes with attention "switch" / "sfedge": a T = 1 method (gqa-masked / sfedge's decode kernel) over
-        # the same KV cache, used from a position on where it is the faster of the two (export/executorch_llm.py).
+        # Recipes with attention "switch" (and "sfedge" folders exported before 2026-11-30 13:30): a T = 1 method
+        # (gqa-masked / sfedge's decode kernel) over the same KV cache, used from a position on where it is the
+        # faster of the two (export/executorch_llm.py). Loaded on first use: it re-packs the XNNPACK weights.
         self._flat_method = decoder.extra.get("decode_method")
         self._flat_from = int(decoder.extra.get("decode_method_from_position", self.max_context))
         self._check_constants(decoder)
@@ -165,6 +166,14 @@ class ExecuTorchSession(ModelSession):
     @classmethod
     def open(cls, folder: Path, manifest: Manifest, options: SessionOptions) -> "ExecuTorchSession":
         return cls(folder, manifest, options)
+
+    def load_for_video(self, frames: int) -> None:
+        """The vision encoder, the projector of ``frames`` and the token embedding (the decoder loaded at open):
+        each method's XNNPACK weights are packed at its load, ~2 s for the 1B's vision encoder."""
+        self.check_frames(frames, f"{self.folder}")
+        self._method(Component.VISION_ENCODER)
+        self._projector(frames)
+        self._method(Component.TOKEN_EMBEDDING)
 
     def _method(self, component: Component):
         if component.value not in self._methods:

@@ -50,6 +50,7 @@ def build_pipeline(args: argparse.Namespace):
         options = SessionOptions(verify=not args.no_verify, threads=args.threads)
         pipeline = Pipeline.from_folder(args.artifacts, options, args.backend)
         frames = pipeline.frames_to_sample(VideoOptions(max_frames=args.frames))
+        pipeline.load_for_video(VideoOptions(max_frames=frames))
         text_tokens = tokenize_prompt(pipeline.tokenizer, args.prompt, pipeline.config.prompt_template).text_tokens
         check_prompt_fits(pipeline.config, frames, pipeline.session.max_context, text_tokens=text_tokens)
         return pipeline
