@@ -24,7 +24,8 @@ from conftest import TINY_CUT_CONFIG, EXECUTORCH_EXTRA_FRAMES, EXECUTORCH_OPTION
 
 RECIPES = recipe_names("executorch")
 EXPECTED_RECIPES = {"fp32", "8da8w", "8da4w", "8da4w-g128", "8da4w-emb8", "8da4w-emb4", "8da4w-embfp32", "8da4w-kv16",
-                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic", "8da4w-sfedge", "8da4w-sfedge-bf16", "fp32-sfedge"}
+                    "8da4w-kvbf16", "8da4w-flat", "fp32-flat", "8da4w-vstatic", "8da4w-sfedge", "8da4w-sfedge-bf16",
+                    "8da4w-g128-sfedge-bf16", "fp32-sfedge"}
 ALIASES = {"8da4w-emb4"}  # the same schemes as 8da4w under its old name: not exported twice
 
 

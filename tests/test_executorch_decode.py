@@ -81,6 +81,9 @@ def test_sfedge_recipes():
     assert decoder_options(get_recipe("executorch", "8da4w-sfedge").scheme(Component.TEXT_DECODER)) == ("float32", "sfedge")
     assert decoder_options(get_recipe("executorch", "8da4w-sfedge-bf16").scheme(Component.TEXT_DECODER)) == ("bfloat16", "sfedge")
     assert decoder_options(get_recipe("executorch", "fp32-sfedge").scheme(Component.TEXT_DECODER)) == ("float32", "sfedge")
+    g128 = get_recipe("executorch", "8da4w-g128-sfedge-bf16")
+    assert decoder_options(g128.scheme(Component.TEXT_DECODER)) == ("bfloat16", "sfedge")
+    assert (g128.scheme(Component.TEXT_DECODER).group_size, g128.scheme(Component.TOKEN_EMBEDDING).group_size) == (128, 32)
     assert flat_from_position(6400, "sfedge") == 6400 and flat_from_position(6400, "switch") == 1920  # sfedge: one method
 
 
