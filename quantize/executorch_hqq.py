@@ -47,7 +47,8 @@ def hqq_scale_only(hp_tensor: torch.Tensor, block_size: Sequence[int], qmin: int
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see the module docstring: many cache-sized ops, not a few huge ones
     try:
-        return _hqq_blocks(hp_tensor, int(block_size[1]), qmin, qmax, iters, early_stop_tol)
+        with torch.no_grad():  # a Parameter's weight: no autograd graph holding every block's temporaries
+            return _hqq_blocks(hp_tensor.detach(), int(block_size[1]), qmin, qmax, iters, early_stop_tol)
     finally:
         torch.set_num_threads(threads)
 

@@ -84,3 +84,12 @@ def test_quantize_component_stores_what_torchao_hqq_stores(monkeypatch, componen
     assert ours.keys() == reference.keys() and ours
     for name in ours:
         assert all(torch.equal(a, b) for a, b in zip(ours[name], reference[name])), name
+
+
+def test_parameter_weight_builds_no_autograd_graph():
+    """A module's weight requires grad: the loop must not record its blocks' temporaries for autograd."""
+    weights = nn.Parameter(_weights(64, 128, 5))
+    q, scale = hqq.hqq_scale_only(weights, [1, 32], *INT4)
+    assert not q.requires_grad and not scale.requires_grad and scale.grad_fn is None
+    ref_q, ref_scale = hqq._torchao_hqq()(weights.detach(), [1, 32], *INT4)
+    assert torch.equal(q, ref_q.to(torch.int8)) and torch.equal(scale, ref_scale)
