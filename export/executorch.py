@@ -16,6 +16,7 @@ serialize. Shapes:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List
 
@@ -48,19 +49,34 @@ def _executorch():
         from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.backend.compile_spec_schema import CompileSpec
+        from executorch.exir.backend.partitioner import DelegationSpec
         from executorch.exir.passes import MemoryPlanningPass
     except ModuleNotFoundError as exc:
         raise UsageError(f"the ExecuTorch exporter needs {exc.name}: pip install 'sfedge[executorch]'") from None
     return {"ConfigPrecisionType": ConfigPrecisionType, "XnnpackPartitioner": XnnpackPartitioner,
             "EdgeCompileConfig": EdgeCompileConfig, "ExecutorchBackendConfig": ExecutorchBackendConfig,
-            "to_edge_transform_and_lower": to_edge_transform_and_lower, "MemoryPlanningPass": MemoryPlanningPass}
+            "to_edge_transform_and_lower": to_edge_transform_and_lower, "MemoryPlanningPass": MemoryPlanningPass,
+            "CompileSpec": CompileSpec, "DelegationSpec": DelegationSpec}
+
+
+ENV_ALL_PASSES = "SFEDGE_ET_DQ_ALL_PASSES"  # "1": every dynamic-quant linear partition runs XNNPACK's 17 passes
+DQ_LINEAR_SPEC = "dqlinear_partitioner"  # XnnpackBackend.preprocess: run only ConvertToLinearPass on the partition
 
 
 def _partitioners(et: dict) -> list:
     """As ExecuTorch's LLM export: dynamic-quant linears one op per partition first (each packed weight is
-    freed before the next is packed: lower peak memory), then the rest."""
-    return [et["XnnpackPartitioner"](config_precisions=et["ConfigPrecisionType"].DYNAMIC_QUANT, per_op_mode=True),
-            et["XnnpackPartitioner"]()]
+    freed before the next is packed: lower peak memory), then the rest.
+
+    The dynamic-quant partitioner's partitions carry executorch's ``dqlinear_partitioner`` compile spec, so
+    ``XnnpackBackend.preprocess`` runs only ConvertToLinearPass on each (one linear) instead of its 17 passes,
+    each a full re-trace of the partition: ~2/3 of the LLM's lowering time (docs/export_memory.md). Same
+    delegate payloads (tested); ``SFEDGE_ET_DQ_ALL_PASSES=1`` runs every pass as before."""
+    dynamic = et["XnnpackPartitioner"](config_precisions=et["ConfigPrecisionType"].DYNAMIC_QUANT, per_op_mode=True)
+    if os.environ.get(ENV_ALL_PASSES, "").strip() != "1":
+        dynamic.delegation_spec = et["DelegationSpec"](dynamic.delegation_spec.backend_id,
+                                                       [et["CompileSpec"](DQ_LINEAR_SPEC, b"")])
+    return [dynamic, et["XnnpackPartitioner"]()]
 
 
 def lower_programs(programs: Dict[str, "torch.export.ExportedProgram"], constant_methods: dict | None = None,

@@ -20,6 +20,7 @@ from torch import nn
 
 from sfedge.errors import UsageError
 from sfedge.manifest import Component
+from sfedge.quantize.executorch_hqq import fast_hqq
 from sfedge.quantize.recipes import (
     FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, RECIPES, SIMULATORS, ComponentScheme, per_part, Recipe, register_recipe, uniform,
 )
@@ -177,7 +178,8 @@ def quantize_component(module: nn.Module, component: str, scheme: ComponentSchem
         raise UsageError(f"{component}: ExecuTorch scheme {scheme.scheme!r} is not supported here; use one of: {', '.join(allowed)}")
     _check_groups(module, nn.Embedding if embedding else nn.Linear, scheme, component)
     quantize_model_ = _quantize_model_()
-    with contextlib.redirect_stdout(io.StringIO()):  # quantize_model_ prints its own progress lines
+    # quantize_model_ prints its own progress lines; its HQQ qparams come from sfedge's faster, bit-identical loop
+    with contextlib.redirect_stdout(io.StringIO()), fast_hqq():
         if embedding:
             quantize_model_(module, qembedding_config=scheme.scheme, qembedding_group_size=scheme.group_size or 0)
         else:
