@@ -110,7 +110,7 @@ class PrefixAttention(GroupQueryAttention):
         past_key, past_value = self.past
         out, present_key, present_value = onnx_prefix.prefix_attention(
             q.reshape(batch, tokens, -1), k.reshape(batch, tokens, -1), v.reshape(batch, tokens, -1),
-            past_key, past_value, mask, self.heads, self.kv_heads)
+            past_key, past_value, mask, self.heads, self.kv_heads, q.shape[-1])
         self.present = (present_key, present_value)
         return out
 

@@ -38,11 +38,11 @@ OP_NAME = "sfedge_onnx::prefix_attention"
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
-                     past_value: torch.Tensor, mask: torch.Tensor, num_heads: int,
-                     kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     past_value: torch.Tensor, mask: torch.Tensor, num_heads: int, kv_num_heads: int,
+                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference implementation (batch 1): the last T rows of the past are replaced by the new keys/values."""
     batch, tokens, _ = query.shape
-    total, head_dim = past_key.shape[1], past_key.shape[-1]
+    total = past_key.shape[1]
     start = total - tokens
     present_key, present_value = past_key.clone(), past_value.clone()
     present_key[:, start:] = key.view(batch, tokens, kv_num_heads, head_dim).to(past_key.dtype)
@@ -56,7 +56,7 @@ def prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 @prefix_attention.register_fake
-def _(query, key, value, past_key, past_value, mask, num_heads, kv_num_heads):
+def _(query, key, value, past_key, past_value, mask, num_heads, kv_num_heads, head_dim):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
@@ -67,25 +67,24 @@ def _translation():
     def reshape(data, shape):  # allowzero: a 0 in a computed shape is an empty dimension, not 'copy the input's'
         return op.Reshape(data, shape, allowzero=1)
 
-    int64, float32 = 7, 1  # onnx.TensorProto.INT64 / FLOAT
+    int64 = 7  # onnx.TensorProto.INT64
 
     def ints(*values):
         return op.Constant(value_ints=list(values))
 
-    def prefix(query, key, value, past_key, past_value, mask, num_heads: int, kv_num_heads: int):
+    def prefix(query, key, value, past_key, past_value, mask, num_heads: int, kv_num_heads: int, head_dim: int):
+        # Every size below comes from ``mask`` [T, start + T], the one tensor all layers share, plus attributes:
+        # the layers' shape arithmetic is then identical, and ORT's common-subexpression pass keeps one copy.
         groups = num_heads // kv_num_heads
-        head_dim = op.Shape(past_key, start=3, end=4)  # [1]
-        width = op.Mul(head_dim, ints(kv_num_heads))  # kv_heads * D
-        hidden = op.Mul(head_dim, ints(num_heads))  # H * D
-        tokens = op.Shape(query, start=1, end=2)  # [1] = T
-        total = op.Shape(past_key, start=1, end=2)  # [1] = start + T
-        scale = op.Div(op.Constant(value_float=1.0), op.Sqrt(op.Cast(head_dim, to=float32)))
+        width, hidden, scale = kv_num_heads * head_dim, num_heads * head_dim, 1.0 / math.sqrt(head_dim)
+        tokens = op.Shape(mask, start=0, end=1)  # [1] = T
+        total = op.Shape(mask, start=1, end=2)  # [1] = start + T
 
         # the T new rows, written into the bound buffer at start .. total - 1
         positions = op.Range(op.Squeeze(op.Sub(total, tokens)), op.Squeeze(total), op.Constant(value_int=1))
         indices = op.Unsqueeze(op.Concat(op.Unsqueeze(op.Mul(positions, op.Constant(value_int=0)), ints(1)),
                                          op.Unsqueeze(positions, ints(1)), axis=1), ints(0))  # [1, T, 2]: (0, pos)
-        kv_new = op.Concat(ints(1), tokens, ints(kv_num_heads), head_dim, axis=0)
+        kv_new = op.Concat(ints(1), tokens, ints(kv_num_heads, head_dim), axis=0)
         present_key = op.ScatterND(past_key, indices, reshape(key, kv_new))
         present_value = op.ScatterND(past_value, indices, reshape(value, kv_new))
 
@@ -95,25 +94,26 @@ def _translation():
         # decode (0 or 1 query rows): two GEMMs over the flat view [N, kv_heads * D]
         identity = [float(i == j) for i in range(kv_num_heads) for j in range(kv_num_heads)]
         eye = reshape(op.Constant(value_floats=identity), ints(1, kv_num_heads, 1, kv_num_heads, 1))
+        eye_scaled = reshape(op.Constant(value_floats=[value * scale for value in identity]), ints(1, kv_num_heads, 1, kv_num_heads, 1))
         q_dec = op.Slice(query, ints(0), decode, ints(1))
-        q5 = reshape(q_dec, op.Concat(decode, ints(kv_num_heads, groups, 1), head_dim, axis=0))
-        q_block = reshape(op.Mul(op.Mul(q5, scale), eye), op.Concat(op.Mul(decode, ints(num_heads)), width, axis=0))
-        flat = op.Concat(total, width, axis=0)
+        q5 = reshape(q_dec, op.Concat(decode, ints(kv_num_heads, groups, 1, head_dim), axis=0))
+        q_block = reshape(op.Mul(q5, eye_scaled), op.Concat(op.Mul(decode, ints(num_heads)), ints(width), axis=0))
+        flat = op.Concat(total, ints(width), axis=0)
         keys_flat, values_flat = reshape(present_key, flat), reshape(present_value, flat)
         scores_t = op.MatMul(keys_flat, op.Transpose(q_block, perm=[1, 0]))  # [N, H*R]
         probs = op.Transpose(op.Softmax(scores_t, axis=0), perm=[1, 0])  # [H*R, N]
         out_block = reshape(op.MatMul(probs, values_flat),
-                               op.Concat(decode, ints(kv_num_heads, groups, kv_num_heads), head_dim, axis=0))
+                               op.Concat(decode, ints(kv_num_heads, groups, kv_num_heads, head_dim), axis=0))
         out_dec = reshape(op.ReduceSum(op.Mul(out_block, op.Squeeze(eye, ints(0))), ints(3), keepdims=0),
-                             op.Concat(ints(1), decode, hidden, axis=0))  # [1, R, H*D]
+                             op.Concat(ints(1), decode, ints(hidden), axis=0))  # [1, R, H*D]
 
         # prefill (T > 1 rows): per kv head, the group's query heads stacked, over the transposed view
         seen = op.Mul(total, op.Sub(ints(1), decode))  # N, or 0 for a decode step
         q_pf = op.Slice(query, decode, tokens, ints(1))
-        stacked = op.Concat(ints(1, kv_num_heads), op.Mul(prefill_rows, ints(groups)), head_dim, axis=0)
-        q_heads = op.Transpose(reshape(q_pf, op.Concat(ints(1), prefill_rows, ints(kv_num_heads, groups), head_dim, axis=0)),
+        stacked = op.Concat(ints(1, kv_num_heads), op.Mul(prefill_rows, ints(groups)), ints(head_dim), axis=0)
+        q_heads = op.Transpose(reshape(q_pf, op.Concat(ints(1), prefill_rows, ints(kv_num_heads, groups, head_dim), axis=0)),
                                perm=[0, 2, 3, 1, 4])  # [1, Hkv, G, T', D]
-        q_heads = op.Mul(reshape(q_heads, stacked), scale)
+        q_heads = op.Mul(reshape(q_heads, stacked), op.Constant(value_float=scale))
         keys_t = op.Transpose(op.Slice(present_key, ints(0), seen, ints(1)), perm=[0, 2, 3, 1])  # [1, Hkv, D, N']
         values_h = op.Transpose(op.Slice(present_value, ints(0), seen, ints(1)), perm=[0, 2, 1, 3])  # [1, Hkv, N', D]
         grouped = op.Concat(ints(1, kv_num_heads, groups), prefill_rows, seen, axis=0)
@@ -123,9 +123,9 @@ def _translation():
         probs_pf = reshape(op.Softmax(op.Add(scores, bias), axis=-1),
                               op.Concat(ints(1, kv_num_heads), op.Mul(prefill_rows, ints(groups)), seen, axis=0))
         out_pf = op.Transpose(reshape(op.MatMul(probs_pf, values_h),
-                                         op.Concat(ints(1, kv_num_heads, groups), prefill_rows, head_dim, axis=0)),
+                                         op.Concat(ints(1, kv_num_heads, groups), prefill_rows, ints(head_dim), axis=0)),
                               perm=[0, 3, 1, 2, 4])  # [1, T', Hkv, G, D]
-        out_pf = reshape(out_pf, op.Concat(ints(1), prefill_rows, hidden, axis=0))
+        out_pf = reshape(out_pf, op.Concat(ints(1), prefill_rows, ints(hidden), axis=0))
         return op.Concat(out_dec, out_pf, axis=1), present_key, present_value
 
     return prefix

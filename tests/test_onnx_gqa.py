@@ -60,7 +60,7 @@ def test_prefix_op_writes_the_last_rows_and_matches_the_gqa_op():
     cached = torch.randn(1, total, kv_heads, dim), torch.randn(1, total, kv_heads, dim)
     q, k, v = torch.randn(1, tokens, heads * dim), torch.randn(1, tokens, kv_heads * dim), torch.randn(1, tokens, kv_heads * dim)
     visible = torch.arange(total)[None, :] <= (start + torch.arange(tokens))[:, None]
-    out, key, value = onnx_prefix.prefix_attention(q, k, v, *cached, visible, heads, kv_heads)
+    out, key, value = onnx_prefix.prefix_attention(q, k, v, *cached, visible, heads, kv_heads, dim)
     assert torch.equal(key[0, start:], k.view(tokens, kv_heads, dim)) and torch.equal(key[:, :start], cached[0][:, :start])
     buffers = [torch.cat([c.transpose(1, 2), torch.zeros(1, kv_heads, 4, dim)], dim=2) for c in cached]
     expected, _, _ = onnx_gqa.group_query_attention(q, k, v, *buffers, torch.ones(1, total, dtype=torch.long), heads, kv_heads)
