@@ -107,8 +107,8 @@ def _embedding(model: SFLlava) -> Traceable:
 def _decoder(model: SFLlava, wrapper: nn.Module, layout: str) -> Traceable:
     llm = model.config.llm
     past, present = onnx_decoder.past_names(llm.layers), onnx_decoder.present_names(llm.layers)
-    kv_past = [1, llm.kv_heads, onnx_decoder.past_length_name(layout), llm.head_dim]
-    kv_present = [1, llm.kv_heads, onnx_decoder.present_length_name(layout), llm.head_dim]
+    kv_past = onnx_decoder.kv_dims(layout, llm.kv_heads, onnx_decoder.past_length_name(layout), llm.head_dim)
+    kv_present = onnx_decoder.kv_dims(layout, llm.kv_heads, onnx_decoder.present_length_name(layout), llm.head_dim)
     return Traceable(
         Component.TEXT_DECODER, wrapper, onnx_decoder.example_inputs(model.text_decoder, layout),
         [*onnx_decoder.INPUT_NAMES, *past], [onnx_decoder.LOGITS, *present],
@@ -118,7 +118,7 @@ def _decoder(model: SFLlava, wrapper: nn.Module, layout: str) -> Traceable:
          TensorSpec("position_ids", [1, "sequence_length"], "int64"), *[_f32(name, kv_past) for name in past]],
         [_f32(onnx_decoder.LOGITS, [1, 1, llm.vocab_size]), *[_f32(name, kv_present) for name in present]],
         {"past_inputs": past, "present_outputs": present, "kv_layout": layout,
-         "kv_shape": "[batch, kv_heads, sequence, head_dim]", "logits": "last position only",
+         "kv_shape": "[{}]".format(", ".join(onnx_decoder.kv_dims(layout, "kv_heads", "sequence", "head_dim", "batch"))), "logits": "last position only",
          "rope_positions": model.text_decoder.max_seq_len},
         translations=onnx_decoder.translation_table(layout))
 

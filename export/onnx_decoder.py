@@ -14,6 +14,11 @@ as graph outputs. The layers, norms, RoPE tables and lm_head are the eager model
 per layer as both past and present, so a step writes only its T new rows.
 ``past-present`` (transformers.js's merged decoder, for the web): Concat of past and new;
 P = start, P' = start + T, a fresh present tensor per step.
+``prefix-inplace``: position-major k/v ``[1, P, kv_heads, head_dim]`` with P = P' = start + T: the runtime
+binds the first start + T rows of one max_context buffer per layer (a contiguous view) as past and
+present; ``ScatterND`` writes the T new rows in place and standard-op attention reads the view
+(sfedge.export.onnx_prefix: a decode step reads each cached row once, where ORT's CPU
+GroupQueryAttention reads it once per query head).
 
 One graph serves prefill (past = 0) and decode (T = 1).
 """
@@ -27,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfedge.config import LLMConfig
-from sfedge.export import onnx_gqa
+from sfedge.export import onnx_gqa, onnx_prefix
 from sfedge.models.llm import TextDecoder
 
-GQA_INPLACE, PAST_PRESENT = "gqa-inplace", "past-present"
+GQA_INPLACE, PAST_PRESENT, PREFIX_INPLACE = "gqa-inplace", "past-present", "prefix-inplace"
 DEFAULT_KV_LAYOUT = GQA_INPLACE
 
 INPUT_NAMES = ("inputs_embeds", "attention_mask", "position_ids")
@@ -96,9 +101,24 @@ class GroupQueryAttention(nn.Module):
         return out
 
 
+class PrefixAttention(GroupQueryAttention):
+    """Stands in for ``CachedAttention``: ScatterND into a position-major [1, start + T, Hkv, D] view plus
+    standard-op attention (sfedge.export.onnx_prefix)."""
+
+    def forward(self, q, k, v, positions, start_pos, mask):  # q [1,T,H,D], k/v [1,T,Hkv,D]; RoPE applied
+        batch, tokens = q.shape[:2]
+        past_key, past_value = self.past
+        out, present_key, present_value = onnx_prefix.prefix_attention(
+            q.reshape(batch, tokens, -1), k.reshape(batch, tokens, -1), v.reshape(batch, tokens, -1),
+            past_key, past_value, mask, self.heads, self.kv_heads, q.shape[-1])
+        self.present = (present_key, present_value)
+        return out
+
+
 # layout -> the attention module swapped into every layer while tracing
 ATTENTIONS: Dict[str, Callable[[LLMConfig], nn.Module]] = {GQA_INPLACE: GroupQueryAttention,
-                                                           PAST_PRESENT: PastPresentAttention}
+                                                           PAST_PRESENT: PastPresentAttention,
+                                                           PREFIX_INPLACE: PrefixAttention}
 
 
 class PastPresentDecoder(nn.Module):
@@ -153,16 +173,21 @@ def example_inputs(decoder: TextDecoder, layout: str = DEFAULT_KV_LAYOUT, tokens
     buffer is longer than past + T, as at run time)."""
     config = decoder.config
     dtype = decoder.lm_head.weight.dtype
-    buffer = past + tokens + 4 if layout == GQA_INPLACE else past
-    kv_shape = (1, config.kv_heads, buffer, config.head_dim)
+    buffer = {GQA_INPLACE: past + tokens + 4, PREFIX_INPLACE: past + tokens}.get(layout, past)
+    kv_shape = tuple(kv_dims(layout, config.kv_heads, buffer, config.head_dim))
     past_kv = [(torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)) for _ in range(config.layers)]
     return (torch.zeros(1, tokens, config.hidden, dtype=dtype), torch.ones(1, past + tokens, dtype=torch.long),
             torch.arange(past, past + tokens)[None], past_kv)
 
 
+def kv_dims(layout: str, kv_heads, length, head_dim, batch=1) -> list:
+    """One past/present tensor's shape: [1, kv_heads, length, head_dim], position-major for prefix-inplace."""
+    return [batch, length, kv_heads, head_dim] if layout == PREFIX_INPLACE else [batch, kv_heads, length, head_dim]
+
+
 def past_length_name(layout: str) -> str:
     """The name of the past tensors' sequence dimension: the buffer length for GQA."""
-    return "max_sequence_length" if layout == GQA_INPLACE else "past_sequence_length"
+    return {GQA_INPLACE: "max_sequence_length", PREFIX_INPLACE: "total_sequence_length"}.get(layout, "past_sequence_length")
 
 
 def present_length_name(layout: str) -> str:
@@ -170,11 +195,11 @@ def present_length_name(layout: str) -> str:
 
 
 def translation_table(layout: str) -> dict:
-    """custom_translation_table for torch.onnx.export: the GQA op's ONNX node."""
-    return onnx_gqa.translation_table() if layout == GQA_INPLACE else {}
+    """custom_translation_table for torch.onnx.export: the in-place layouts' attention op."""
+    return {GQA_INPLACE: onnx_gqa.translation_table, PREFIX_INPLACE: onnx_prefix.translation_table}.get(layout, dict)()
 
 
 def dynamic_shapes(layers: int, layout: str = DEFAULT_KV_LAYOUT) -> dict:
-    kv = {2: past_length_name(layout)}
+    kv = {1 if layout == PREFIX_INPLACE else 2: past_length_name(layout)}
     return {"inputs_embeds": {1: "sequence_length"}, "attention_mask": {1: "total_sequence_length"},
             "position_ids": {1: "sequence_length"}, "past_key_values": [(kv, kv) for _ in range(layers)]}

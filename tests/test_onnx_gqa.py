@@ -1,5 +1,5 @@
-"""ONNX decoder KV layouts: GroupQueryAttention with an in-place buffer (default) and transformers.js's
-past/present, against the eager model over prefill chunks, decode steps and a rewind; save/load of
+"""ONNX decoder KV layouts: GroupQueryAttention with an in-place buffer (default), transformers.js's
+past/present and the position-major in-place prefix view (ScatterND + standard-op attention), against the eager model over prefill chunks, decode steps and a rewind; save/load of
 the cache (prefix reuse)."""
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 
 from sfedge.config import get_preset  # noqa: E402
 from sfedge.errors import SfedgeError, UsageError  # noqa: E402
-from sfedge.export import onnx_gqa  # noqa: E402
+from sfedge.export import onnx_gqa, onnx_prefix  # noqa: E402
 from sfedge.export.api import ExportOptions, export_model  # noqa: E402
 from sfedge.manifest import read_manifest  # noqa: E402
 from sfedge.models import WeightsSource  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 
-LAYOUTS = ["gqa-inplace", "past-present"]
-pytestmark = pytest.mark.xdist_group("onnx_gqa")  # pytest-xdist: one worker makes the module's two exports
+LAYOUTS = ["gqa-inplace", "past-present", "prefix-inplace"]
+pytestmark = pytest.mark.xdist_group("onnx_gqa")  # pytest-xdist: one worker makes the module's exports
 MAX_CONTEXT, CHUNK, TOL = 128, 32, 1e-4
 
 
@@ -32,7 +32,8 @@ def folders(export_once):
     the same export as test_onnx.py's fp32 (which also carries a 4-frame projector)."""
     common = dict(max_context=MAX_CONTEXT, prefill_chunk=CHUNK)
     return {"gqa-inplace": export_once("onnx", extra_frames=(4,), **common),
-            "past-present": export_once("onnx", kv_layout="past-present", **common)}
+            "past-present": export_once("onnx", kv_layout="past-present", **common),
+            "prefix-inplace": export_once("onnx", kv_layout="prefix-inplace", **common)}
 
 
 def _decoder_graph(folder: Path):
@@ -51,6 +52,21 @@ def test_reference_op_matches_sdpa_over_a_growing_buffer():
     assert not key[:, :, 5:].any() and out.shape == q.shape
 
 
+def test_prefix_op_writes_the_last_rows_and_matches_the_gqa_op():
+    """prefix_attention over a position-major [1, start + T, Hkv, D] view = group_query_attention over a buffer."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, start, tokens = 4, 2, 16, 5, 3
+    total = start + tokens
+    cached = torch.randn(1, total, kv_heads, dim), torch.randn(1, total, kv_heads, dim)
+    q, k, v = torch.randn(1, tokens, heads * dim), torch.randn(1, tokens, kv_heads * dim), torch.randn(1, tokens, kv_heads * dim)
+    visible = torch.arange(total)[None, :] <= (start + torch.arange(tokens))[:, None]
+    out, key, value = onnx_prefix.prefix_attention(q, k, v, *cached, visible, heads, kv_heads, dim)
+    assert torch.equal(key[0, start:], k.view(tokens, kv_heads, dim)) and torch.equal(key[:, :start], cached[0][:, :start])
+    buffers = [torch.cat([c.transpose(1, 2), torch.zeros(1, kv_heads, 4, dim)], dim=2) for c in cached]
+    expected, _, _ = onnx_gqa.group_query_attention(q, k, v, *buffers, torch.ones(1, total, dtype=torch.long), heads, kv_heads)
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
 @pytest.mark.slow
 def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(folders, tmp_path):
     layers = get_preset("tiny").llm.layers
@@ -62,6 +78,10 @@ def test_manifest_records_the_layout_and_the_graph_has_one_gqa_node_per_layer(fo
         if layout == "gqa-inplace":
             assert ops["GroupQueryAttention"] == layers and past_dim == "max_sequence_length"
             assert entry.outputs[1].shape[2] == "max_sequence_length"
+        elif layout == "prefix-inplace":  # position-major: [1, start + T, kv_heads, head_dim]
+            assert "GroupQueryAttention" not in ops and ops["ScatterND"] == 2 * layers
+            assert entry.inputs[3].shape[1] == entry.outputs[1].shape[1] == "total_sequence_length"
+            assert entry.extra["kv_shape"] == "[batch, sequence, kv_heads, head_dim]"
         else:
             assert "GroupQueryAttention" not in ops and ops["Concat"] >= 2 * layers and past_dim == "past_sequence_length"
     with pytest.raises(UsageError, match="kv-layout 'ring'.*known: gqa-inplace, past-present"):
@@ -115,6 +135,23 @@ def test_inplace_buffers_are_the_bound_outputs(folders):
     assert [value.data_ptr() for value in cache.values] == pointers
 
 
+@pytest.mark.slow
+def test_prefix_views_are_written_in_place(folders):
+    """prefix-inplace: ORT's ScatterND writes the new rows into the session's own position-major buffers."""
+    session = open_session(folders["prefix-inplace"], SessionOptions(threads=1))
+    llm = session.config.llm
+    key = session._cache.buffers[0]
+    assert key.shape == (1, MAX_CONTEXT, llm.kv_heads, llm.head_dim)
+    embeds = session.embed(torch.arange(20))
+    session.decode(embeds, 0)
+    assert np.abs(key[:, :20]).sum() > 0 and not key[:, 20:].any()
+    session.decode(embeds[:1], 20)
+    assert np.abs(key[:, 20]).sum() > 0 and not key[:, 21:].any()
+    before = key[:, :21].copy()
+    session.decode(embeds[1:2], 21)
+    assert np.array_equal(key[:, :21], before)  # earlier rows untouched by a step
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.slow
 def test_save_reset_load_continues_like_no_save(folders, layout):
@@ -133,8 +170,8 @@ def test_save_reset_load_continues_like_no_save(folders, layout):
     session.reset()
     session.load_kv(saved, length)
     assert torch.equal(session.decode(token, length), expected)
-    other = open_session(folders[LAYOUTS[1 - LAYOUTS.index(layout)]], SessionOptions(threads=1))
-    other.load_kv(saved, length)  # the names and shapes are the same in both layouts
+    other = open_session(folders[LAYOUTS[(LAYOUTS.index(layout) + 1) % len(LAYOUTS)]], SessionOptions(threads=1))
+    other.load_kv(saved, length)  # the names and shapes are the same in every layout
     assert (other.decode(token, length) - expected).abs().max().item() <= TOL
     with pytest.raises(SfedgeError, match="cache holds"):
         session.save_kv(MAX_CONTEXT)

@@ -9,6 +9,9 @@ into the cache (``save`` / ``load``, names ``layer{i}.key`` / ``layer{i}.value``
 sees the same pointer and writes only the new rows. Rewinding is bookkeeping: the graph attends to
 ``attention_mask``'s length, and the next call overwrites the stale rows.
 ``past-present``: the presents of one call are bound as the next call's pasts.
+``prefix-inplace``: numpy buffers [1, max_context, kv_heads, head_dim] (position-major); a call binds the
+contiguous view of its first ``start + T`` rows as both past and present, the graph's ScatterND writes the
+T new rows into it.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from sfedge.config import LLMConfig
 from sfedge.errors import SfedgeError
 from sfedge.registry import Registry
 
-GQA_INPLACE, PAST_PRESENT = "gqa-inplace", "past-present"
+GQA_INPLACE, PAST_PRESENT, PREFIX_INPLACE = "gqa-inplace", "past-present", "prefix-inplace"
 
 
 def kv_name(layer: int, kind: str) -> str:
@@ -50,8 +53,8 @@ class KVCache(abc.ABC):
         """An empty cache (length 0)."""
 
     @abc.abstractmethod
-    def bind(self, binding) -> None:
-        """Bind every past input and present output of the next run."""
+    def bind(self, binding, total: int) -> None:
+        """Bind every past input and present output of the next run, which ends at position ``total``."""
 
     @abc.abstractmethod
     def advance(self, presents: list, length: int) -> None:
@@ -101,7 +104,7 @@ class InplaceCache(KVCache):
             self.values = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self.buffers]  # shares the memory
         self.length = 0  # stale rows are never read: attention stops at the mask's length
 
-    def bind(self, binding) -> None:
+    def bind(self, binding, total: int) -> None:
         for past, present, value in zip(self.past_names, self.present_names, self.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
@@ -132,7 +135,7 @@ class PastPresentCache(KVCache):
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         self._set([empty] * len(self.past_names), 0)
 
-    def bind(self, binding) -> None:
+    def bind(self, binding, total: int) -> None:
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         for name in self.present_names:
@@ -156,9 +159,40 @@ class PastPresentCache(KVCache):
         self._set(self._checked(tensors, length), length)
 
 
+class PrefixCache(KVCache):
+    layout = PREFIX_INPLACE
+
+    def reset(self) -> None:
+        if not getattr(self, "buffers", None):
+            shape = (1, self.max_context, self.kv_heads, self.head_dim)
+            self.buffers = [np.zeros(shape, dtype=self.dtype) for _ in self.past_names]
+        self.length = 0
+
+    def bind(self, binding, total: int) -> None:
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            value = self._ort.OrtValue.ortvalue_from_numpy(buffer[:, :total])  # a view of the first rows: no copy
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
+    def advance(self, presents: list, length: int) -> None:
+        self.length = length  # written in place
+
+    def rewind(self, start_pos: int) -> None:
+        self.length = start_pos
+
+    def arrays(self) -> List[np.ndarray]:
+        return [buffer.transpose(0, 2, 1, 3) for buffer in self.buffers]  # views [1, kv_heads, max_context, head_dim]
+
+    def load(self, tensors: Mapping[str, torch.Tensor], length: int) -> None:
+        for buffer, array in zip(self.buffers, self._checked(tensors, length)):
+            buffer[:, :length] = array.transpose(0, 2, 1, 3)
+        self.length = length
+
+
 CACHES: Registry = Registry("ONNX decoder kv_layout")
 CACHES.add(GQA_INPLACE, InplaceCache)
 CACHES.add(PAST_PRESENT, PastPresentCache)
+CACHES.add(PREFIX_INPLACE, PrefixCache)
 
 
 def open_cache(decoder_extra: Mapping[str, object], llm: LLMConfig, max_context: int, dtype, device: str) -> KVCache:

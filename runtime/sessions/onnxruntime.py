@@ -7,7 +7,9 @@ decoder's ``kv_layout`` (sfedge.runtime.sessions.onnx_kv):
 - ``gqa-inplace``: one [1, kv_heads, max_context, head_dim] buffer per layer and kind, bound as both the
   past input and the present output of GroupQueryAttention, which writes only the new rows;
 - ``past-present``: the present tensors of one call are bound as the past of the next (the graph's
-  Concat writes a new [past + T] tensor per layer each step).
+  Concat writes a new [past + T] tensor per layer each step);
+- ``prefix-inplace``: one [1, max_context, kv_heads, head_dim] buffer per layer and kind, whose first
+  start + T rows (a contiguous view) are bound as both past and present: ScatterND writes the new rows.
 """
 from __future__ import annotations
 
@@ -148,7 +150,7 @@ class OnnxRuntimeSession(ModelSession):
         binding.bind_cpu_input("attention_mask", np.ones((1, start_pos + tokens), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + tokens, dtype=np.int64)[None])
         binding.bind_output("logits")  # copied back to the host below
-        self._cache.bind(binding)
+        self._cache.bind(binding, start_pos + tokens)
         graph.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self._cache.advance(outputs[1:], start_pos + tokens)

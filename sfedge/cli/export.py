@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoder-batch", type=positive_int, default=defaults.encoder_batch, help="frames per vision-encoder call")
     group.add_argument("--coreml-target", default=defaults.coreml_target, metavar="TARGET",
                        help="coreml: minimum deployment target of the vision encoder and projector (the stateful LLM needs iOS18)")
-    group.add_argument("--kv-layout", default=defaults.kv_layout, choices=["gqa-inplace", "past-present"],
-                       help="onnx: decoder KV cache, GroupQueryAttention on one in-place buffer per layer (default) or "
-                            "transformers.js's past/present tensors (for the web)")
+    group.add_argument("--kv-layout", default=defaults.kv_layout, choices=["gqa-inplace", "past-present", "prefix-inplace"],
+                       help="onnx: decoder KV cache, GroupQueryAttention on one in-place buffer per layer (default), "
+                            "transformers.js's past/present tensors (for the web) or a position-major in-place buffer "
+                            "with standard-op attention (prefix-inplace: decode nearly flat with context)")
     group.add_argument("--calibration-video", metavar="VIDEO",
                        help="onnx: frames to calibrate a static int8 vision encoder on (default: synthetic frames)")
     group.add_argument("--out", required=True, help="output folder")
