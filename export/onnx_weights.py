@@ -184,7 +184,7 @@ def llm_with_stand_ins(model: SFLlava, weights: Optional[WeightsSource], progres
     ``weights``: where an empty (meta) LLM's weights come from (filled one unit at a time, each unit's large
     matrices swapped for stand-ins as soon as it is filled); None when the model was built whole. The part is
     released on exit."""
-    with progress.stage("llm", "build stand-ins"):
+    with progress.stage("llm", "build"):  # large matrices as stand-ins
         if weights is not None and part_is_empty(model, "llm"):
             llm = LLMWeights(FilledTensors(model, weights))
             filler = LLMFiller(model, weights)
