@@ -1,6 +1,7 @@
 """ONNX: the LLM traced from stand-ins (no float32 LLM resident) writes the graphs a trace of the filled model writes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -56,22 +57,37 @@ def _trace_llm(model, folder, llm=None):
         _trace(_decoder(model, wrapper, LAYOUT), folder / "decoder_model_merged.onnx", llm)
 
 
-def test_filler_gives_any_unit_in_any_order_the_tensors_of_the_whole_build():
-    config = get_preset("tiny")
-    weights = WeightsSource(seed=4)
-    whole = dict(build_model(config, weights, 64).named_parameters(remove_duplicate=False))
-    real = FilledTensors(empty_model(config, weights, 64), weights)
-    last = config.llm.layers - 1
-    names = [f"text_decoder.layers.{last}.mlp.up_proj.weight",  # the last layer first: the stream skips the others
-             "text_decoder.layers.0.self_attn.q_proj.weight", "text_decoder.layers.0.self_attn.k_proj.bias",  # back
-             "token_embedding.embed_tokens.weight", "text_decoder.norm.weight", f"text_decoder.layers.{last}.input_layernorm.weight"]
-    for name in names:  # the unit: text_decoder.layers.N, token_embedding, or text_decoder (norm, lm_head)
-        assert torch.equal(real.get(name), whole[name]), name
-        unit = ".".join(name.split(".")[:3]) if ".layers." in name else name.split(".")[0]
-        resident = [n for n, p in real.scratch.named_parameters() if not p.is_meta]
-        assert resident and all(n.startswith(unit) for n in resident), (name, resident)  # one unit at a time
-    real.drop_cache()
-    assert all(p.is_meta for p in real.scratch.parameters())
+def _sources(tmp_path):
+    """(config, weights) pairs: random weights tied and untied, and a Hugging Face checkpoint (untied)."""
+    tiny = get_preset("tiny")
+    yield tiny, WeightsSource(seed=4)
+    yield tiny.replace(llm=dataclasses.replace(tiny.llm, tie_embeddings=False)), WeightsSource(seed=4)
+    pytest.importorskip("transformers", reason="transformers writes the checkpoint")
+    from test_hf_reference import make_hf_qwen2
+
+    make_hf_qwen2(tmp_path, tie=False)
+    yield tiny, WeightsSource(llm_dir=str(tmp_path))
+
+
+def test_filler_gives_any_unit_in_any_order_the_tensors_of_the_whole_build(tmp_path):
+    for config, weights in _sources(tmp_path):
+        whole_model = build_model(config, weights, 64)
+        whole = dict(whole_model.named_parameters(remove_duplicate=False))
+        real = FilledTensors(empty_model(config, weights, 64), weights)
+        last = whole_model.config.llm.layers - 1
+        names = [f"text_decoder.layers.{last}.mlp.up_proj.weight",  # the last layer first: the stream skips the others
+                 "text_decoder.layers.0.self_attn.q_proj.weight", "text_decoder.layers.0.self_attn.k_proj.bias",  # back
+                 "token_embedding.embed_tokens.weight", "text_decoder.norm.weight",
+                 f"text_decoder.layers.{last}.input_layernorm.weight"]
+        if not whole_model.config.llm.tie_embeddings:
+            names.insert(1, "text_decoder.lm_head.weight")
+        for name in names:  # the unit: text_decoder.layers.N, token_embedding, or text_decoder (norm, lm_head)
+            assert torch.equal(real.get(name), whole[name]), (weights, name)
+            unit = ".".join(name.split(".")[:3]) if ".layers." in name else name.split(".")[0]
+            resident = [n for n, p in real.scratch.named_parameters() if not p.is_meta]
+            assert resident and all(n.startswith(unit) for n in resident), (name, resident)  # one unit at a time
+        real.drop_cache()
+        assert all(p.is_meta for p in real.scratch.parameters())
 
 
 def test_stand_ins_are_small_shared_by_tied_weights_and_refuse_an_unknown_view():
