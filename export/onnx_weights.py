@@ -21,7 +21,7 @@ import gc
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -209,7 +209,3 @@ def llm_with_stand_ins(model: SFLlava, weights: Optional[WeightsSource], progres
         llm.drop_cache()
         release_part(model, "llm")
         gc.collect()
-
-
-def stand_in_names(llm: LLMWeights) -> List[str]:
-    return sorted(s.name for s in llm.stand_ins.values())
