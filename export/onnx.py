@@ -7,7 +7,8 @@
     decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values, in the
                                     KV layout of ExportOptions.kv_layout: gqa-inplace or past-present)
 
-Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32),
+Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32; the
+LLM from stand-ins, its weights written tensor by tensor one layer at a time: sfedge.export.onnx_weights),
 then the recipe's scheme for it is applied with ONNX Runtime's tools (sfedge.quantize.onnx) and the
 result is written with a precision suffix (``_fp16``, ``_quantized``, ``_q4``, ``_q4f16``); weights
 go to ``<file>_data`` when a file would pass 2 GB.
