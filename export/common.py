@@ -283,6 +283,11 @@ def build_parts_lazily(model, weights) -> None:
     _PART_SOURCES[model] = weights
 
 
+def weights_source(model):
+    """The WeightsSource ``model``'s empty parts are filled from (``build_parts_lazily``), or None (built whole)."""
+    return _PART_SOURCES.get(model)
+
+
 @contextlib.contextmanager
 def model_part(model, part: str, progress: "Progress", on_layer=None) -> Iterator[bool]:
     """Within the block ``model``'s part (sfedge.models.PARTS) holds its weights; yields whether this call

@@ -23,6 +23,7 @@ from sfedge.memory import GiB, LIMIT_ENV, Available, InsufficientMemory, availab
 
 OVERRIDE_FLAG = "--ignore-memory-check"
 COREML_LLM_IN_TORCH = "coreml, LLM quantized in torch"
+ONNX_LLM_STAND_INS = "onnx, LLM traced from stand-ins"
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,16 @@ class Footprint:
 
 # docs/export_memory.md, "Where the peaks come from": stage peaks of the 2-layer 1B-shape probes.
 FOOTPRINTS: Dict[str, Footprint] = {
-    # text_decoder trace 1.70 GiB = 0.47 + 1.0 x 1.22 GiB (1B, 28 layers: 6.43 GiB = 0.5 + 1.03 x 5.75 GiB);
-    # embed_tokens int4 quantize 2.82 GiB = 0.5 + 2.7 x 0.87 GiB (the decoder's, MatMul weights memory-mapped: 1.84)
-    "onnx": Footprint(int(0.6 * GiB), 1.1, 2.8, 0.15, "2-layer probe, int4"),
+    # the vision encoder and projector (traced with their float32 weights): the vision encoder's int8
+    # quantize_dynamic (ORT) at 1B: 5.51 GiB = 0.6 + 3.06 x its 1.61 GiB
+    # (5.72 GiB in the 14:36 1B export: part_factor 3.2)
+    "onnx": Footprint(int(0.6 * GiB), 3.2, 2.8, 0.15, "1B export, int4 (vision encoder quantize)"),
+    # the LLM traced from stand-ins (export/onnx_weights.py): no float32 copy of the part is held; the costliest
+    # stages hold the token table: its int4 Gather quantize 2.83 GiB = 0.5 + 2.7 x 0.87 GiB (2-layer probe), the
+    # decoder trace writing the transposed lm_head 2.23 GiB (table + its transposed copy), the decoder's int4
+    # quantize (MatMul weights memory-mapped, int4 results accumulating) 1.83 GiB. At 3B the int4 decoder's
+    # serialize sets the export's peak: 6.46 GiB = 0.6 + 0.14 KV + 0.5 x 11.5 GiB (part_factor 0.5)
+    ONNX_LLM_STAND_INS: Footprint(int(0.6 * GiB), 0.5, 2.8, 0.15, "2-layer probe and 3B export, int4, LLM from stand-ins"),
     # lm_head 8da4w quantize 4.71 GiB = 0.5 + 4.5 x 0.87 GiB + the quantized layers
     # the 1B 8da4w export (7.83 GiB at the lm_head's HQQ quantize, ~2.1 GiB left resident by the vision lowering)
     "executorch": Footprint(int(0.6 * GiB), 0.3, 4.8, 0.52, "2-layer probe, 8da4w-flat; 1B 8da4w export"),
@@ -91,7 +99,10 @@ def largest_tensor_bytes(model, part: str | None = None) -> int:
 
 
 def footprint_for(backend: str, part: str, recipe: str | None = None) -> Footprint:
-    """The factors of ``part``'s stages: Core ML's LLM quantized in torch before conversion has its own."""
+    """The factors of ``part``'s stages: Core ML's LLM quantized in torch before conversion and ONNX's LLM traced
+    from stand-ins have their own."""
+    if backend == "onnx" and part == "llm":
+        return FOOTPRINTS[ONNX_LLM_STAND_INS]
     if backend == "coreml" and part == "llm" and recipe:
         from sfedge.quantize.coreml_torch import llm_quantized_in_torch
         from sfedge.quantize.recipes import get_recipe

@@ -7,7 +7,8 @@
     decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values, in the
                                     KV layout of ExportOptions.kv_layout: gqa-inplace or past-present)
 
-Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32),
+Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32; the
+LLM from stand-ins, its weights written tensor by tensor one layer at a time: sfedge.export.onnx_weights),
 then the recipe's scheme for it is applied with ONNX Runtime's tools (sfedge.quantize.onnx) and the
 result is written with a precision suffix (``_fp16``, ``_quantized``, ``_q4``, ``_q4f16``); weights
 go to ``<file>_data`` when a file would pass 2 GB.
@@ -19,7 +20,7 @@ import importlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from torch import nn
 from sfedge.errors import SfedgeError
 from sfedge.export import onnx_decoder
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
+from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem, weights_source
+from sfedge.export.onnx_weights import LLMWeights, llm_with_stand_ins
 from sfedge.manifest import ArtifactEntry, Component, TensorSpec
 from sfedge.models import SFLlava
 from sfedge.quantize import onnx as onnx_quant
@@ -123,15 +125,20 @@ def _decoder(model: SFLlava, wrapper: nn.Module, layout: str) -> Traceable:
         translations=onnx_decoder.translation_table(layout))
 
 
-def _trace(item: Traceable, path: Path) -> None:
-    """torch.onnx.export (dynamo) into the scratch folder, weights always external there."""
+def _trace(item: Traceable, path: Path, llm: Optional[LLMWeights] = None) -> None:
+    """torch.onnx.export (dynamo) into the scratch folder, weights always external there. ``llm``: the module
+    holds the LLM's stand-ins; their real tensors are written tensor by tensor as the file is saved."""
     path.with_name(path.name + ".data").unlink(missing_ok=True)  # re-saving appends to an existing data file
     program = torch.onnx.export(
         item.module, item.args, dynamo=True, input_names=item.input_names, output_names=item.output_names,
         dynamic_shapes=item.dynamic_shapes, custom_translation_table=item.translations or None, optimize=True,
         verbose=False)
+    if llm is not None:
+        llm.bind(program.model.graph)
     program.save(str(path), external_data=True)
     del program
+    if llm is not None:
+        llm.drop_cache()
     release_rewriter_graphs()
 
 
@@ -174,10 +181,10 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
                 traced.append(_trace_one(_vision(model, options), work, progress))
             with model_part(model, "projector", progress):
                 traced += [_trace_one(item, work, progress) for item in _projectors(model, options)]
-            with model_part(model, "llm", progress):
-                traced.append(_trace_one(_embedding(model), work, progress))
+            with llm_with_stand_ins(model, weights_source(model), progress) as llm:  # no fp32 LLM resident
+                traced.append(_trace_one(_embedding(model), work, progress, llm))
                 with onnx_decoder.export_attention(model.text_decoder, layout) as wrapper:
-                    traced.append(_trace_one(_decoder(model, wrapper, layout), work, progress))
+                    traced.append(_trace_one(_decoder(model, wrapper, layout), work, progress, llm))
         release_model(model)
         gc.collect()
         return [_finish(item, recipe, out, work, progress, calibration) for item in traced]
@@ -185,9 +192,9 @@ def export_onnx(model: SFLlava, options: ExportOptions, recipe: Recipe, out: Pat
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _trace_one(item: Traceable, work: Path, progress: Progress) -> Traceable:
+def _trace_one(item: Traceable, work: Path, progress: Progress, llm: Optional[LLMWeights] = None) -> Traceable:
     with progress.stage(item.file_stem() if item.component is not Component.TEXT_DECODER else item.component.value, "trace"):
-        _trace(item, work / f"{item.file_stem()}.onnx")
+        _trace(item, work / f"{item.file_stem()}.onnx", llm)
     item.module = None  # the traced graph is on disk: hold no reference to the torch weights
     return item
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -12,11 +11,11 @@ from torch import nn
 from sfedge.config import ModelConfig
 from sfedge.models.hf_config import llm_config_from_hf
 from sfedge.models.llm import TextDecoder, TokenEmbedding
+from sfedge.models.llm_fill import LLMFiller, release_modules
 from sfedge.models.projector import SlowFastProjector
 from sfedge.models.vision import VisionEncoder
 from sfedge.models.weights import (
-    RANDOM_LOGIT_STD, WeightsSource, load_local, map_llm_keys, map_projector_keys, map_vision_keys, random_state,
-    read_safetensors, assign_state, _safetensors_files,
+    WeightsSource, load_local, map_projector_keys, map_vision_keys, random_state,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ def fill_part(model: SFLlava, weights: WeightsSource, part: str, dtype: torch.dt
         _fill(model.projector, "projector", weights.projector_path, map_projector_keys, weights.seed, dtype)
     elif part == "llm":
         _fill_llm(model, weights, dtype, on_layer)
-        _materialize_llm_buffers(model.text_decoder, config)
+        materialize_llm_buffers(model.text_decoder, config)
     else:
         raise ValueError(f"unknown model part {part!r}; known: {', '.join(PARTS)}")
 
@@ -96,14 +95,7 @@ def release_part(model: SFLlava, part: str) -> None:
     """Drop one part's weights and buffers (replaced by meta tensors of the same shape and dtype, quantized
     tensor subclasses included): their memory is freed once nothing else holds them."""
     for name in PART_MODULES[part]:
-        for module in getattr(model, name).modules():
-            for key, param in list(module._parameters.items()):
-                if param is not None:
-                    module._parameters[key] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                                           requires_grad=False)
-            for key, buffer in list(module._buffers.items()):
-                if buffer is not None:
-                    module._buffers[key] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+        release_modules(getattr(model, name))
 
 
 def _generator(seed: int, component: str) -> torch.Generator:
@@ -122,38 +114,17 @@ def _fill_llm(model: SFLlava, weights: WeightsSource, dtype: torch.dtype,
     """The token embedding, then the decoder one layer at a time (``on_layer(layer)`` right after each, e.g.
     to quantize it before the next is filled), then its final norm and lm_head. The tensors are those of
     one pass over the whole decoder: the random stream and checkpoint names run in the same order."""
-    llm = model.config.llm
-    decoder = model.text_decoder
-    tied = llm.tie_embeddings
-    if weights.llm_dir:
-        embedding_entries, decoder_entries = map_llm_keys(read_safetensors(_safetensors_files(Path(weights.llm_dir), "LLM")))
-        assign_state(model.token_embedding, embedding_entries, dtype, "LLM")
-        fill = lambda view: assign_state(view, decoder_entries, dtype, "LLM")  # noqa: E731
-    else:
-        embed_std = RANDOM_LOGIT_STD / llm.hidden ** 0.5
-        model.token_embedding.load_state_dict(
-            random_state(model.token_embedding, _generator(weights.seed, "token_embedding"), dtype, embed_std), assign=True)
-        generator = _generator(weights.seed, "text_decoder")
-
-        def fill(view: nn.Module) -> None:
-            view.load_state_dict(random_state(view, generator, dtype), strict=False, assign=True)
-
-    for index, layer in enumerate(decoder.layers):
-        view = nn.Module()
-        view.layers = nn.ModuleDict({str(index): layer})  # parameter names as in the decoder: layers.{index}.*
-        fill(view)
+    filler = LLMFiller(model, weights, dtype)
+    filler.fill_embedding()
+    for index, layer in enumerate(model.text_decoder.layers):
+        filler.fill_unit(index)
         if on_layer is not None:
             on_layer(layer)
-    rest = nn.Module()
-    rest.norm = decoder.norm
-    if not tied:  # a tied lm_head is the embedding (and the last tensor of the random stream: nothing after it shifts)
-        rest.lm_head = decoder.lm_head
-    fill(rest)
-    if tied:
-        decoder.lm_head.weight = model.token_embedding.embed_tokens.weight
+    filler.fill_unit(filler.layers)
+    filler.tie()
 
 
-def _materialize_llm_buffers(decoder: TextDecoder, config: ModelConfig) -> None:
+def materialize_llm_buffers(decoder: TextDecoder, config: ModelConfig) -> None:
     """Non-persistent buffers (RoPE tables, KV caches) are computed, not loaded."""
     from sfedge.models.llm import KVCache, rope_tables
 
@@ -166,5 +137,5 @@ def _materialize_llm_buffers(decoder: TextDecoder, config: ModelConfig) -> None:
             module.v_cache = torch.zeros(shape, dtype=dtype)
 
 
-__all__ = ["SFLlava", "WeightsSource", "build_model", "empty_model", "fill_part", "release_part", "part_is_empty", "PARTS", "resolve_config", "VisionEncoder", "SlowFastProjector",
+__all__ = ["SFLlava", "WeightsSource", "build_model", "empty_model", "fill_part", "release_part", "part_is_empty", "PARTS", "resolve_config", "LLMFiller", "materialize_llm_buffers", "VisionEncoder", "SlowFastProjector",
            "TokenEmbedding", "TextDecoder"]
