@@ -159,7 +159,7 @@ class PastPresentCache(KVCache):
         self._set(self._checked(tensors, length), length)
 
 
-class PrefixCache(KVCache):
+class PrefixCache(InplaceCache):  # written in place too: advance / rewind only move the length
     layout = PREFIX_INPLACE
 
     def reset(self) -> None:
@@ -173,12 +173,6 @@ class PrefixCache(KVCache):
             value = self._ort.OrtValue.ortvalue_from_numpy(buffer[:, :total])  # a view of the first rows: no copy
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-
-    def advance(self, presents: list, length: int) -> None:
-        self.length = length  # written in place
-
-    def rewind(self, start_pos: int) -> None:
-        self.length = start_pos
 
     def arrays(self) -> List[np.ndarray]:
         return [buffer.transpose(0, 2, 1, 3) for buffer in self.buffers]  # views [1, kv_heads, max_context, head_dim]
