@@ -25,10 +25,11 @@ tested against torchao's function (tests/test_executorch_hqq.py) and on the 3B's
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from sfedge.errors import env_switch
 
 ENV_HQQ = "SFEDGE_ET_HQQ"  # "torchao": run torchao's own loop (the reference), anything else / unset: this one
 BLOCK_VALUES = 1 << 20  # values per row block (4 MiB of float32)
@@ -113,7 +114,7 @@ def _torchao_hqq():
 
 
 def use_torchao_hqq() -> bool:
-    return os.environ.get(ENV_HQQ, "").strip().lower() == "torchao"
+    return env_switch(ENV_HQQ, ("torchao",)) == "torchao"
 
 
 @contextlib.contextmanager

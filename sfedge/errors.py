@@ -7,3 +7,15 @@ class SfedgeError(Exception):
 
 class UsageError(SfedgeError):
     """A bad argument or option value (CLI exit code 2)."""
+
+
+def env_switch(name: str, values: tuple) -> str:
+    """The value of an opt-in environment switch: "" when unset or empty, else one of ``values`` (case and
+    surrounding spaces ignored); any other value is a UsageError naming the variable, not a silent default."""
+    import os
+
+    value = os.environ.get(name, "").strip().lower()
+    if value and value not in values:
+        raise UsageError(f"environment variable {name}={os.environ[name]!r} is not understood: "
+                         f"use {' or '.join(repr(v) for v in values)}, or unset it")
+    return value
