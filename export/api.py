@@ -40,6 +40,7 @@ class ExportOptions:
     kv_layout: str = "gqa-inplace"  # onnx: decoder KV layout, gqa-inplace or past-present (transformers.js)
     calibration_video: Optional[str] = None  # onnx static int8 vision encoder: calibrate on this video's frames
     memory_check: bool = True  # refuse up front an export whose estimated peak RSS exceeds the memory available
+    parallel_parts: bool = True  # executorch: vision encoder + projectors in a second process beside the LLM (if memory allows)
 
 
 Exporter = Callable[[SFLlava, ExportOptions, Recipe, Path, Progress], List[ArtifactEntry]]
@@ -141,7 +142,8 @@ def export_model(config: ModelConfig, weights: WeightsSource, options: ExportOpt
                        "special_tokens": dict(config.llm.special_tokens), "eos_ids": list(config.llm.eos_ids)},
             components=entries, sfedge_version=__version__, git_commit=_git_commit(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            library_versions=library_versions(), stages=progress.records, export_peak_rss_bytes=peak_rss(),
+            library_versions=library_versions(), stages=progress.records,
+            export_peak_rss_bytes=max(peak_rss(), progress.tree_peak),  # with a part in a child process: both summed
         )
         manifest.write(tmp)
     return manifest

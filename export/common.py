@@ -187,6 +187,26 @@ class Progress:
         self._sampler.__exit__(*exc)
 
     @contextlib.contextmanager
+    def beside_child(self) -> Iterator[None]:
+        """Within the block a child process exports a part beside this one: stage peaks and ``tree_peak`` count
+        both processes' RSS (sampled)."""
+        self._sampler.with_children = True
+        try:
+            yield
+        finally:
+            self._sampler.with_children = False
+
+    @property
+    def tree_peak(self) -> int:
+        """The highest sampled RSS of this process and its children (0 when no child ran)."""
+        return self._sampler.tree_peak
+
+    def merge(self, records: Sequence[StageRecord], timings: dict) -> None:
+        """Put a child process's stages first (their peaks are the child's own; they ran beside this process's)."""
+        self.records[:0] = records
+        self.timings.update(timings)
+
+    @contextlib.contextmanager
     def stage(self, component: str, stage: str) -> Iterator[None]:
         if self.enabled:
             print(f"[{self.prefix}] {component}: {stage} ...", file=self.stream, flush=True)

@@ -16,6 +16,8 @@ serialize. Shapes:
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -31,7 +33,12 @@ from sfedge.models import SFLlava
 from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
-from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem
+from sfedge.export.common import (
+    Progress, artifact_entry, build_parts_lazily, model_part, projector_frame_counts, projector_stem, weights_source,
+)
+from sfedge.export.memory_estimate import side_by_side_peak
+from sfedge.export.part_process import PartProcess
+from sfedge.memory import available_memory, gib
 from sfedge.export.executorch_decompositions import skip_noop_decompositions
 from sfedge.export.executorch_llm import ATTENTION_FORMS, METHOD_DECODE_FLAT, MODE_OPS, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
@@ -236,21 +243,70 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
     return [embedding, decoder]
 
 
-def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
-                      progress: Progress) -> List[ArtifactEntry]:
-    if options.prefill_chunk > options.max_context - 1:
-        raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
+CHILD_PARTS = ("vision_encoder", "projector")  # exported in a second process beside the LLM when memory allows
+
+
+def _export_vision_parts(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                         progress: Progress) -> List[ArtifactEntry]:
     entries = []
     with model_part(model, "vision_encoder", progress):  # one part's weights alive at a time
         entries.append(export_vision_encoder(model, options, recipe, folder, progress))
     with model_part(model, "projector", progress):
         entries += export_projectors(model, options, recipe, folder, progress)
+    return entries
+
+
+def _export_llm_part(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                     progress: Progress) -> List[ArtifactEntry]:
     scheme = recipe.scheme(Component.TEXT_DECODER)
     # each decoder layer is quantized as soon as it is filled: only one layer's float32 weights at a time
     with model_part(model, "llm", progress, on_layer=lambda layer: quantize_component(
             layer, Component.TEXT_DECODER.value, scheme)) as layers_quantized:
-        entries += export_llm(model, options, recipe, folder, progress, layers_quantized)
-    return entries
+        return export_llm(model, options, recipe, folder, progress, layers_quantized)
+
+
+def export_vision_parts_in_child(config, weights, options: ExportOptions, recipe_name: str, folder: Path) -> tuple:
+    """The child process's work (export/part_process.py): the vision encoder and projectors of an empty model
+    filled from ``weights``, one intra-op thread (the parent's LLM has the other core). Returns the entries and
+    the child's stage records and timings."""
+    from sfedge.models import build_model
+    from sfedge.quantize.recipes import get_recipe
+
+    torch.set_num_threads(1)
+    model = build_model(config, weights, options.max_context, fill=False)
+    build_parts_lazily(model, weights)
+    with Progress(enabled=options.show_progress) as progress:
+        entries = _export_vision_parts(model, options, get_recipe("executorch", recipe_name), folder, progress)
+    return entries, progress.records, progress.timings
+
+
+def _vision_beside_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, progress: Progress) -> bool:
+    """Whether to export the vision parts in a second process: asked for, two or more cores, the parts are filled
+    lazily, and both processes' estimated peaks fit in the memory available (else one process, as before)."""
+    if not options.parallel_parts or (os.cpu_count() or 1) < 2 or weights_source(model) is None:
+        return False
+    needed, available = side_by_side_peak(model, "executorch", recipe.name, CHILD_PARTS), available_memory()
+    fits = needed <= available.nbytes
+    if progress.enabled:
+        print(f"[export] vision encoder + projectors: {'a second process, beside the LLM' if fits else 'this process'} "
+              f"(both at once need ~{gib(needed)}; {available.describe()})", file=sys.stderr, flush=True)
+    return fits
+
+
+def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
+                      progress: Progress) -> List[ArtifactEntry]:
+    if options.prefill_chunk > options.max_context - 1:
+        raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
+    if options.encoder_batch < 1:
+        raise UsageError(f"--encoder-batch must be >= 1, got {options.encoder_batch}")
+    if not _vision_beside_llm(model, options, recipe, progress):
+        return _export_vision_parts(model, options, recipe, folder, progress) + _export_llm_part(model, options, recipe, folder, progress)
+    with PartProcess("vision encoder and projector", export_vision_parts_in_child, model.config, weights_source(model),
+                     options, recipe.name, folder) as child, progress.beside_child():
+        llm_entries = _export_llm_part(model, options, recipe, folder, progress)
+        vision_entries, records, timings = child.result()
+    progress.merge(records, timings)
+    return vision_entries + llm_entries
 
 
 EXPORTERS.add("executorch", export_executorch)

@@ -132,6 +132,17 @@ def estimate_export_peak(model, backend: str, recipe: str | None = None) -> Memo
     return MemoryEstimate(int(FOOTPRINTS.get(backend, FOOTPRINTS["coreml"]).base_bytes + kv + stage), largest, sizes, kv)
 
 
+def side_by_side_peak(model, backend: str, recipe: str | None, child_parts) -> int:
+    """The estimated peak when ``child_parts`` are exported in a second process beside the rest: the usual
+    estimate plus, for the child, a base and the costliest of its parts' stages (both peaks summed: conservative,
+    the child usually ends before the LLM's lowering peaks)."""
+    footprint = FOOTPRINTS.get(backend, FOOTPRINTS["coreml"])
+    sizes = part_bytes(model)
+    child = max(_stage_bytes(footprint_for(backend, part, recipe), sizes[part], largest_tensor_bytes(model, part))
+                for part in child_parts)
+    return estimate_export_peak(model, backend, recipe).peak_bytes + int(footprint.base_bytes + child)
+
+
 def check_memory(estimate: MemoryEstimate, available: Available | None = None) -> Available:
     """Raise InsufficientMemory (one line) when the estimate exceeds what is available."""
     available = available or available_memory()

@@ -22,6 +22,7 @@ from sfedge.errors import SfedgeError, UsageError
 
 GiB = 1024 ** 3
 SAMPLE_SECONDS = 0.02
+TREE_MARGIN = 16 * 1024 ** 2  # a sampled process-tree sum counts over a stage's own peak only above this (page noise)
 LIMIT_ENV = "SFEDGE_MEMORY_LIMIT"  # e.g. "12GiB": the memory the up-front check assumes is available
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
           "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
@@ -67,6 +68,35 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _children(pid: str) -> list:
+    """Child pids of ``pid`` (Linux: /proc/PID/task/*/children); empty where /proc has no such file."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
+    return children
+
+
+def tree_rss() -> int:
+    """Resident bytes of this process plus every live descendant (an export that runs a part in a second
+    process: what the machine must hold). Equals ``current_rss()`` without children or without /proc."""
+    total, pending = current_rss(), _children("self") if Path("/proc/self/task").exists() else []
+    seen = set()
+    while pending:
+        pid = pending.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue  # the child ended meanwhile
+        pending += _children(pid)
+    return total
+
+
 def peak_rss() -> int:
     """The process's peak resident bytes so far (VmHWM; ru_maxrss elsewhere: bytes on macOS, KiB on Linux)."""
     hwm = _status_kib("VmHWM")
@@ -77,11 +107,15 @@ def peak_rss() -> int:
 
 
 class RssSampler:
-    """A daemon thread that keeps the highest RSS seen since the last ``reset()``."""
+    """A daemon thread that keeps the highest RSS seen since the last ``reset()``: this process's, and that of
+    this process with its children (``tree_high``; ``tree_peak`` is never reset)."""
 
     def __init__(self, interval: float = SAMPLE_SECONDS):
         self.interval = interval
         self._high = 0
+        self._tree_high = 0
+        self.tree_peak = 0
+        self.with_children = False  # set while a child process works beside this one: sample the tree too
         self._epoch = 0  # bumped by reset(): a reading taken before a reset is not counted after it
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -101,23 +135,31 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             epoch = self._epoch
-            self._observe(current_rss(), epoch)
+            self._observe(current_rss(), epoch, tree_rss() if self.with_children else 0)
 
-    def _observe(self, rss: int, epoch: int) -> None:
+    def _observe(self, rss: int, epoch: int, tree: int = 0) -> None:
         with self._lock:
+            self.tree_peak = max(self.tree_peak, tree)
             if epoch == self._epoch:
                 self._high = max(self._high, rss)
+                self._tree_high = max(self._tree_high, tree)
 
     def reset(self) -> None:
         with self._lock:
             self._epoch += 1
             self._high = current_rss()
+            self._tree_high = 0
 
     def high(self) -> int:
         epoch = self._epoch
         self._observe(current_rss(), epoch)
         with self._lock:
             return self._high
+
+    def tree_high(self) -> int:
+        """The highest RSS of this process and its children since the last ``reset()`` (0: none sampled)."""
+        with self._lock:
+            return self._tree_high
 
 
 @dataclass(frozen=True)
@@ -144,9 +186,10 @@ class StageMeter:
         # a VmRSS reading can run a page or so above VmHWM (the kernel folds per-thread RSS counters into the
         # high-water mark lazily): no stage peak is above the process's
         sampled = min(self.sampler.high(), hwm)
-        if hwm > self._hwm_before:  # the process peak rose during this stage: VmHWM is this stage's exact peak
-            return StagePeak(hwm, True)
-        return StagePeak(sampled, False)
+        own = StagePeak(hwm, True) if hwm > self._hwm_before else StagePeak(sampled, False)
+        # with a part exported in a child process beside this one, the stage holds both: the sampled sum, if higher
+        tree = self.sampler.tree_high()
+        return StagePeak(tree, own.process_peak) if tree > own.peak_bytes + TREE_MARGIN else own
 
 
 def release_free_heap() -> bool:

@@ -118,10 +118,12 @@ def executorch_export(export_once):
     PREFIX_OPTIONS (shared, read only)."""
     pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install 'sfedge[executorch]')")
 
+    # one process each (parallel_parts=False): a second process per export would only add its start-up to the
+    # suite; test_executorch.py exports 8da4w side by side and finds the same files
     def get(recipe: str) -> Path:
         if recipe == KERNELS_RECIPE:
-            return export_once("executorch", recipe, config=PREFIX_CONFIG, **PREFIX_OPTIONS)
-        return export_once("executorch", recipe, config=TINY_CUT_CONFIG, **EXECUTORCH_OPTIONS,
+            return export_once("executorch", recipe, config=PREFIX_CONFIG, parallel_parts=False, **PREFIX_OPTIONS)
+        return export_once("executorch", recipe, config=TINY_CUT_CONFIG, parallel_parts=False, **EXECUTORCH_OPTIONS,
                            extra_frames=EXECUTORCH_EXTRA_FRAMES if recipe == "fp32" else ())
 
     return get

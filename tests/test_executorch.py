@@ -291,3 +291,17 @@ def test_truncated_pte_without_verification_is_a_one_line_error(fp32_folder: Pat
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert f"{file} is not a loadable ExecuTorch program" in err, err
+
+
+@pytest.mark.slow
+def test_vision_parts_lowered_beside_the_llm_give_the_same_files(executorch_export, tmp_path, monkeypatch):
+    """The default on two or more cores: the vision encoder and projectors in a second process while this one
+    exports the LLM; every file is byte-identical to the one-process export's, and the manifest keeps every stage."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    serial = read_manifest(executorch_export("8da4w"))
+    manifest = _export("8da4w", tmp_path / "side_by_side")
+    assert manifest.export_options["parallel_parts"] and not serial.export_options["parallel_parts"]
+    assert [(c.component, c.file, c.sha256) for c in manifest.components] == \
+        [(c.component, c.file, c.sha256) for c in serial.components]
+    assert [(r.component, r.stage) for r in manifest.stages] == [(r.component, r.stage) for r in serial.stages]
+    assert manifest.export_peak_rss_bytes >= max(r.peak_rss_bytes for r in manifest.stages)
