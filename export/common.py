@@ -187,14 +187,14 @@ class Progress:
         self._sampler.__exit__(*exc)
 
     @contextlib.contextmanager
-    def beside_child(self) -> Iterator[None]:
-        """Within the block a child process exports a part beside this one: stage peaks and ``tree_peak`` count
-        both processes' RSS (sampled)."""
-        self._sampler.with_children = True
+    def beside_child(self, pid: int) -> Iterator[None]:
+        """Within the block child process ``pid`` exports a part beside this one: stage peaks and ``tree_peak``
+        count both processes' RSS (sampled)."""
+        self._sampler.child_pids = (pid,)
         try:
             yield
         finally:
-            self._sampler.with_children = False
+            self._sampler.child_pids = ()
 
     @property
     def tree_peak(self) -> int:

@@ -302,7 +302,7 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
     if not _vision_beside_llm(model, options, recipe, progress):
         return _export_vision_parts(model, options, recipe, folder, progress) + _export_llm_part(model, options, recipe, folder, progress)
     with PartProcess("vision encoder and projector", export_vision_parts_in_child, model.config, weights_source(model),
-                     options, recipe.name, folder) as child, progress.beside_child():
+                     options, recipe.name, folder) as child, progress.beside_child(child.pid):
         llm_entries = _export_llm_part(model, options, recipe, folder, progress)
         vision_entries, records, timings = child.result()
     progress.merge(records, timings)

@@ -42,6 +42,10 @@ class PartProcess:
         send.close()  # the child holds the only sending end: EOF here when it dies without a word
         self._done = False
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def __enter__(self) -> "PartProcess":
         return self
 

@@ -68,32 +68,16 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _children(pid: str) -> list:
-    """Child pids of ``pid`` (Linux: /proc/PID/task/*/children); empty where /proc has no such file."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += (task / "children").read_text().split()
-        except OSError:
-            continue
-    return children
-
-
-def tree_rss() -> int:
-    """Resident bytes of this process plus every live descendant (an export that runs a part in a second
-    process: what the machine must hold). Equals ``current_rss()`` without children or without /proc."""
-    total, pending = current_rss(), _children("self") if Path("/proc/self/task").exists() else []
-    seen = set()
-    while pending:
-        pid = pending.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+def rss_with(pids) -> int:
+    """Resident bytes of this process plus those of the given child processes (an export that runs a part in a
+    second process: what the machine must hold). Only named processes count: a short-lived fork+exec (a tool
+    run by a library) shares the parent's pages, and its RSS would count them twice."""
+    total = current_rss()
+    for pid in pids:
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
-            continue  # the child ended meanwhile
-        pending += _children(pid)
+            continue  # ended, or no /proc
     return total
 
 
@@ -108,14 +92,14 @@ def peak_rss() -> int:
 
 class RssSampler:
     """A daemon thread that keeps the highest RSS seen since the last ``reset()``: this process's, and that of
-    this process with its children (``tree_high``; ``tree_peak`` is never reset)."""
+    this process with the ``child_pids`` beside it (``tree_high``; ``tree_peak`` is never reset)."""
 
     def __init__(self, interval: float = SAMPLE_SECONDS):
         self.interval = interval
         self._high = 0
         self._tree_high = 0
         self.tree_peak = 0
-        self.with_children = False  # set while a child process works beside this one: sample the tree too
+        self.child_pids: tuple = ()  # child processes working beside this one: their RSS is sampled too
         self._epoch = 0  # bumped by reset(): a reading taken before a reset is not counted after it
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,7 +119,8 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             epoch = self._epoch
-            self._observe(current_rss(), epoch, tree_rss() if self.with_children else 0)
+            pids = self.child_pids
+            self._observe(current_rss(), epoch, rss_with(pids) if pids else 0)
 
     def _observe(self, rss: int, epoch: int, tree: int = 0) -> None:
         with self._lock:

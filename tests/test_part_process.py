@@ -9,7 +9,7 @@ import pytest
 
 from sfedge.errors import SfedgeError, UsageError
 from sfedge.export.part_process import PartProcess
-from sfedge.memory import RssSampler, current_rss, tree_rss
+from sfedge.memory import RssSampler, current_rss, rss_with
 
 
 def _square(x):
@@ -64,18 +64,19 @@ def test_leaving_the_block_early_kills_the_child():
     assert not process.is_alive()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
-def test_tree_rss_counts_a_childs_memory_and_the_sampler_keeps_the_peak():
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
+def test_the_sampler_counts_the_named_child_and_keeps_the_peak():
     sampler = RssSampler(interval=0.02)
-    sampler.with_children = True
     with sampler, PartProcess("holder", _hold, 300, 4) as child:
+        sampler.child_pids = (child.pid,)
         deadline = time.time() + 30
-        while tree_rss() - current_rss() < 250 * 2**20 and time.time() < deadline:
+        while rss_with([child.pid]) - current_rss() < 250 * 2**20 and time.time() < deadline:
             time.sleep(0.1)
-        assert tree_rss() - current_rss() >= 250 * 2**20, "the child's 300 MiB were not counted"
+        assert rss_with([child.pid]) - current_rss() >= 250 * 2**20, "the child's 300 MiB were not counted"
         time.sleep(0.2)
         assert child.result() == 300 * 2**20
     assert sampler.tree_peak >= current_rss() + 250 * 2**20
+    assert rss_with([child.pid]) == pytest.approx(current_rss(), abs=2**20)  # an ended child counts nothing
 
 
 def test_the_vision_parts_go_beside_the_llm_only_when_both_fit(monkeypatch, capsys):
