@@ -80,6 +80,19 @@ def test_decode_graph_data_files_are_verified_and_old_entries_have_none(tmp_path
     assert decode_graph(_entry("text_decoder", "decoder_model_merged.onnx", "x")) is None  # folders before the recipe
 
 
+def test_the_bench_costs_a_decode_step_with_the_decode_graph_bytes(tmp_path):
+    from types import SimpleNamespace
+
+    from sfedge.benchmarks.worker import artifact_info
+
+    folder, manifest = _with_decode_graph(tmp_path, _record())
+    pipeline = SimpleNamespace(session=SimpleNamespace(manifest=manifest, backend="onnx"))
+    sizes, step_bytes, _ = artifact_info(pipeline, str(folder))
+    prefill_bytes = len(FILES["decoder_model_merged.onnx"]) + len(FILES["decoder_model_merged.onnx_data"])
+    assert step_bytes == len(b"int4 decoder" * 20)  # a step reads the decode graph, not the prefill graph
+    assert sizes["text_decoder"] == prefill_bytes + step_bytes  # the folder holds both
+
+
 @pytest.mark.parametrize("record", [{"file": DECODE_FILE}, _record(data_files="x.onnx_data"), ["not", "a", "mapping"]])
 def test_malformed_decode_graph_record_is_one_line_error(tmp_path, record):
     entry = _entry("text_decoder", "decoder_model_merged.onnx", "x", **{DECODE_GRAPH: record})
