@@ -74,7 +74,7 @@ register_recipe(Recipe(
 register_recipe(Recipe(
     "int8-channel-q4decode", "onnx",
     "int8-channel's decoder for prefill chunks plus a second decoder graph for decode steps with 4-bit block-128 "
-    "weights (MatMulNBits, accuracy level 4: ~0.6x the int8 bytes per token), both over one KV cache; int4 token "
+    "weights (MatMulNBits, accuracy level 4: ~0.55x the int8 bytes per token), both over one KV cache; int4 token "
     "table; dynamic int8 vision",
     {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
      C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT8_CHANNEL_MATMUL}, INT4_DECODE_TOLERANCE,

@@ -220,12 +220,10 @@ def _prefill_graph_row(rows: List[ParityRow], logits: Sequence[torch.Tensor], pr
     last_chunk = prompt_length - (prompt_length - 1) // chunk * chunk
     if last_chunk == 1:  # a one-token last chunk runs the decode graph: nothing of the prefill graph to compare
         return "the prompt's last chunk has one token (decode graph): the prefill graph has no row of its own"
-    row = _row("text_decoder[prefill graph]", logits[0][0], logits[1][0],
-               Tolerance(tolerance.max_abs, None, tolerance.min_cosine), failures)
-    rows.append(row)
+    bound = Tolerance(tolerance.max_abs, None, tolerance.min_cosine)  # one logits vector: no top-1 / KL statistics
+    rows.append(_row("text_decoder[prefill graph]", logits[0][0], logits[1][0], bound, failures))
     return (f"two decoder graphs: step 0 ({prompt_length}-token prompt, last chunk {last_chunk} tokens) ran the prefill "
-            f"graph, held to {Tolerance(tolerance.max_abs, None, tolerance.min_cosine).describe()} against fp32; "
-            f"steps 1..{logits[1].shape[0] - 1} ran the decode graph")
+            f"graph, held to {bound.describe()} against fp32; steps 1..{logits[1].shape[0] - 1} ran the decode graph")
 
 
 def gate_failures(result: Agreement, tolerance: Tolerance) -> List[str]:
