@@ -103,7 +103,7 @@ def artifact_info(pipeline, folder: Optional[str]) -> tuple[dict, Optional[int],
     """(bytes per component + total, bytes of the file(s) holding the text decoder, KV bytes per value)."""
     from pathlib import Path
 
-    from sfedge.manifest import Component, path_bytes
+    from sfedge.manifest import Component, decode_graph, path_bytes
 
     session = pipeline.session
     manifest = session.manifest
@@ -111,18 +111,25 @@ def artifact_info(pipeline, folder: Optional[str]) -> tuple[dict, Optional[int],
         return {}, None, 4
     sizes: dict = {}
     files: dict = {}
-    for entry in manifest.components:
-        names = [entry.file, *entry.extra.get("data_files", [])]
-        total = 0
+
+    def measured(names, fallback: int) -> int:
         for name in names:
             if name not in files:
-                files[name] = path_bytes(Path(folder) / name) if folder and (Path(folder) / name).exists() else entry.bytes
-            total += files[name]
+                files[name] = path_bytes(Path(folder) / name) if folder and (Path(folder) / name).exists() else fallback
+        return sum(files[name] for name in names)
+
+    step_bytes = None  # a decoder with a decode graph (ONNX int8-channel-q4decode): a step reads that graph only
+    for entry in manifest.components:
+        total = measured([entry.file, *entry.extra.get("data_files", [])], entry.bytes)
+        step = decode_graph(entry)
+        if step is not None:
+            step_bytes = measured([step.file, *step.data_files], step.bytes)
+            total += step_bytes
         sizes[entry.component] = sizes.get(entry.component, 0) + total  # projectors: one file per frame count
     sizes["total"] = sum(files.values())
     decoder = manifest.component(Component.TEXT_DECODER)
     kv_bytes = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "int8": 1}.get(str(decoder.extra.get("kv_dtype", "fp32")), 4)
-    decoder_bytes = sizes.get(Component.TEXT_DECODER.value)
+    decoder_bytes = step_bytes or sizes.get(Component.TEXT_DECODER.value)
     embedding = manifest.component(Component.TOKEN_EMBEDDING)
     if decoder_bytes and embedding.file == decoder.file:  # llm.pte: a decode step gathers one row of the table
         decoder_bytes -= int(embedding.extra.get("table_bytes", 0))

@@ -5,7 +5,9 @@
                                     projector_f{N}{sfx}.onnx for each extra count of --frames 8,32,...)
     embed_tokens{sfx}.onnx          input_ids [1, T] -> inputs_embeds [1, T, H]
     decoder_model_merged{sfx}.onnx  see sfedge.export.onnx_decoder (explicit past/present key-values, in the
-                                    KV layout of ExportOptions.kv_layout: gqa-inplace or past-present)
+                                    KV layout of ExportOptions.kv_layout: gqa-inplace or past-present); a recipe
+                                    with a decode scheme (Recipe.decode) adds a second decoder file for T = 1 steps,
+                                    recorded as the entry's extra.decode_graph
 
 Each component is traced once with ``torch.onnx.export(dynamo=True)`` into a scratch folder (fp32; the
 LLM from stand-ins, its weights written tensor by tensor one layer at a time: sfedge.export.onnx_weights),
@@ -30,10 +32,10 @@ from sfedge.export import onnx_decoder
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import Progress, artifact_entry, model_part, projector_frame_counts, projector_stem, weights_source
 from sfedge.export.onnx_weights import LLMWeights, llm_with_stand_ins
-from sfedge.manifest import ArtifactEntry, Component, TensorSpec
+from sfedge.manifest import DECODE_GRAPH, ArtifactEntry, Component, DecodeGraph, TensorSpec, path_bytes, sha256_path
 from sfedge.models import SFLlava
 from sfedge.quantize import onnx as onnx_quant
-from sfedge.quantize.recipes import Recipe
+from sfedge.quantize.recipes import ComponentScheme, Recipe
 
 FILE_STEMS = {Component.VISION_ENCODER: "vision_encoder", Component.PROJECTOR: "projector",
               Component.TOKEN_EMBEDDING: "embed_tokens", Component.TEXT_DECODER: "decoder_model_merged"}
@@ -233,7 +235,30 @@ def _finish(item: Traceable, recipe: Recipe, out: Path, work: Path, progress: Pr
     inputs, outputs = _with_graph_dtypes(item.inputs, proto.graph.input), _with_graph_dtypes(item.outputs, proto.graph.output)
     del proto
     extra = {**item.extra, **({"calibration": calibration_set.describe()} if calibration_set else {})}
+    decode_scheme = recipe.decode_scheme(item.component)
+    if decode_scheme is not None:
+        extra[DECODE_GRAPH] = _decode_graph(work / f"{stem}.onnx", decode_scheme, out, work, progress, inputs, outputs).to_dict()
     return artifact_entry(out, component, file, inputs, outputs, scheme.to_dict(), data_files=data_files, **extra)
+
+
+def _decode_graph(src: Path, scheme: ComponentScheme, out: Path, work: Path, progress: Progress,
+                  inputs: List[TensorSpec], outputs: List[TensorSpec]) -> DecodeGraph:
+    """The component's second graph, for decode steps: the same fp32 graph ``src`` (no second trace) quantized with
+    the decode scheme (int4 reads the fp32 weights memory-mapped, one MatMul at a time), written beside the first.
+    Its inputs and outputs must be the first graph's, dtypes included: the runtime binds one KV cache to both."""
+    stem = src.stem
+    file = f"{stem}{onnx_quant.file_suffix(scheme)}.onnx"
+    with progress.stage(f"{stem} (decode graph)", "quantize"):
+        proto = onnx_quant.quantize_model(src, scheme, work)
+    with progress.stage(f"{stem} (decode graph)", "serialize"):
+        data_files = onnx_quant.save_model(proto, out / file)
+    if (_with_graph_dtypes(inputs, proto.graph.input) != inputs
+            or _with_graph_dtypes(outputs, proto.graph.output) != outputs):
+        raise SfedgeError(f"{file}: the decode graph's inputs/outputs differ from the prefill graph's (dtypes); "
+                          "the two cannot share a KV cache")
+    del proto
+    return DecodeGraph(file, sha256_path(out / file), path_bytes(out / file), scheme.to_dict(), data_files,
+                       {name: sha256_path(out / name) for name in data_files})
 
 
 def _with_graph_dtypes(specs: List[TensorSpec], values) -> List[TensorSpec]:

@@ -13,6 +13,8 @@ Schemes, in ONNX Runtime's vocabulary:
          memory-mapped external data): ONNX Runtime runs it on its int8 GEMM (MLAS QGEMM: AVX-512 VNNI, AMX),
          ~10x MatMulNBits' int4 kernels on a prefill chunk on x86 (docs/onnx.md)
   q4f16  fp16 conversion, then int4 as above
+A recipe may give a component a second scheme for a decode graph (Recipe.decode): the fp32 graph is then
+quantized twice, into the component's file (prefill, T > 1) and its decode graph (T = 1); see export/onnx.py.
 Which component gets which scheme is recipe data below; file names carry transformers.js's suffixes.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sfedge.quantize.recipes import (
     FP16_TOLERANCE, FP32_TOLERANCE, INT4_TOLERANCE, INT8_TOLERANCE, ComponentScheme, Recipe, register_recipe, uniform,
 )
 
-from sfedge.quantize.recipes import Q4F16_TOLERANCE, SIMULATORS  # parity: the q4f16 bound; simulate_recipe below
+from sfedge.quantize.recipes import INT4_DECODE_TOLERANCE, Q4F16_TOLERANCE, SIMULATORS  # parity: the q4f16 bound; simulate_recipe below
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ INT8_STATIC = ComponentScheme("int8-static", options={"ops": ("MatMul",), "per_c
 INT4_MATMUL = ComponentScheme("int4", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4})
 INT4_GATHER = ComponentScheme("int4", 32, {"ops": ("Gather",), "symmetric": True, "accuracy_level": 4})
 INT8_CHANNEL_MATMUL = ComponentScheme("int8-channel", options={"ops": ("MatMul",)})
+INT4_DECODE_MATMUL = ComponentScheme("int4", 128, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4})
 Q4F16_MATMUL = ComponentScheme("q4f16", 32, {"ops": ("MatMul",), "symmetric": True, "accuracy_level": 4,
                                              "keep_io_types": True})
 
@@ -68,6 +71,14 @@ register_recipe(Recipe(
     "matmuls on x86 with VNNI/AMX, decode at int4's rate, 2x its LLM bytes); int4 token table; dynamic int8 vision",
     {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
      C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT8_CHANNEL_MATMUL}, INT8_TOLERANCE))
+register_recipe(Recipe(
+    "int8-channel-q4decode", "onnx",
+    "int8-channel's decoder for prefill chunks plus a second decoder graph for decode steps with 4-bit block-128 "
+    "weights (MatMulNBits, accuracy level 4: ~0.55x the int8 bytes per token), both over one KV cache; int4 token "
+    "table; dynamic int8 vision",
+    {C.VISION_ENCODER.value: INT8_MATMUL, C.PROJECTOR.value: INT8_MATMUL,
+     C.TOKEN_EMBEDDING.value: INT4_GATHER, C.TEXT_DECODER.value: INT8_CHANNEL_MATMUL}, INT4_DECODE_TOLERANCE,
+    decode={C.TEXT_DECODER.value: INT4_DECODE_MATMUL}, prefill_tolerance=INT8_TOLERANCE))
 register_recipe(Recipe(
     "int4-vision-static", "onnx",
     "int4 with a static int8 (QDQ) vision encoder: per-channel int8 weights, uint8 activations calibrated on frames "

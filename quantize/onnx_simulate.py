@@ -11,10 +11,15 @@ What ONNX Runtime's tools do to a graph (quantize/onnx.py), done to nn.Linear / 
          output), per-tensor asymmetric uint8 activations at run time (as int8).
   fp16   weights and each linear's input rounded to float16 (the graph computes in fp16).
   q4f16  fp16, then int4 as above.
+A component with a decode graph (recipe int8-channel-q4decode: int8-channel prefill, int4 block 128 decode)
+gets both roundings and picks one per call by its token count, as the runtime picks the graph.
 It is a model of the kernels, not a bit-exact copy: parity's EXACT_EXPORT tolerance (KL bound)
 absorbs the difference, which quantize/recipes.py records as measured.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
@@ -79,33 +84,79 @@ def _replace_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     layer.weight = nn.Parameter(weight, requires_grad=False)  # a new tensor: unties a shared lm_head/embedding
 
 
+@dataclass(frozen=True)
+class Rounded:
+    """One layer under a scheme: its rounded weight and the forward pre-hooks that round its input, in order."""
+
+    weight: torch.Tensor
+    hooks: Tuple[Callable, ...] = ()
+
+
 @torch.no_grad()
-def simulate_component(module: nn.Module, scheme) -> None:
+def rounding(module: nn.Module, scheme) -> Dict[nn.Module, Rounded]:
+    """What ``scheme`` does to each nn.Linear / nn.Embedding of ``module`` (nothing is changed here)."""
     name = scheme.scheme
+    plan: Dict[nn.Module, Rounded] = {}
     if name == "fp32":
-        return
+        return plan
     options = scheme.options
     ops = tuple(options.get("ops", ("MatMul",)))
     if name in ("fp16", "q4f16"):
         for layer in _targets(module, ("MatMul", "Gather")):
-            _replace_weight(layer, layer.weight.half().float())
-            if isinstance(layer, nn.Linear):
-                layer.register_forward_pre_hook(_activation_fp16)
+            plan[layer] = Rounded(layer.weight.half().float(), (_activation_fp16,) if isinstance(layer, nn.Linear) else ())
     if name in ("int4", "q4f16"):
         block = int(scheme.group_size or 32)
         for layer in _targets(module, ops):
-            _replace_weight(layer, _int4_blocks(layer.weight, block))
+            before = plan.get(layer, Rounded(layer.weight))
+            hooks = before.hooks
             if isinstance(layer, nn.Linear) and options.get("accuracy_level") == 4 and name == "int4":
-                layer.register_forward_pre_hook(_activation_int8_blocks(block))
+                hooks += (_activation_int8_blocks(block),)
+            plan[layer] = Rounded(_int4_blocks(before.weight, block), hooks)
     if name in ("int8", "int8-channel"):
-        rounding = _int8_tensor if name == "int8" else _int8_channel
+        weights = _int8_tensor if name == "int8" else _int8_channel
         for layer in _targets(module, ops):
-            _replace_weight(layer, rounding(layer.weight))
-            if isinstance(layer, nn.Linear):
-                layer.register_forward_pre_hook(_activation_uint8_tensor)
+            plan[layer] = Rounded(weights(layer.weight),
+                                  (_activation_uint8_tensor,) if isinstance(layer, nn.Linear) else ())
+    return plan
+
+
+def simulate_component(module: nn.Module, scheme) -> None:
+    for layer, rounded in rounding(module, scheme).items():
+        _replace_weight(layer, rounded.weight)
+        for hook in rounded.hooks:
+            layer.register_forward_pre_hook(hook)
+
+
+def simulate_two_graphs(module: nn.Module, prefill, decode) -> None:
+    """A component exported as two graphs over one KV cache: calls of T > 1 tokens (``module``'s first argument
+    [1, T, ...]) run ``prefill``'s rounding, calls of one token ``decode``'s, as the ONNX session routes them."""
+    plans = {False: rounding(module, prefill), True: rounding(module, decode)}
+    state = {"decode": False}
+
+    def route(_module, args):
+        state["decode"] = args[0].shape[1] == 1
+
+    module.register_forward_pre_hook(route)
+    for layer in {*plans[False], *plans[True]}:
+        variants = {step: plan.get(layer, Rounded(layer.weight)) for step, plan in plans.items()}
+        weights = {step: nn.Parameter(v.weight, requires_grad=False) for step, v in variants.items()}
+
+        def choose(layer, args, variants=variants, weights=weights):
+            step = state["decode"]
+            layer.weight = weights[step]
+            for hook in variants[step].hooks:
+                args = hook(layer, args)
+            return args
+
+        layer.register_forward_pre_hook(choose)
 
 
 def simulate_recipe(model: nn.Module, recipe) -> None:
-    """Round an eager SFLlava in place as the ONNX recipe's tools round the exported graphs."""
+    """Round an eager SFLlava in place as the ONNX recipe's tools round the exported graphs (a component with a
+    decode graph: its prefill scheme for T > 1 calls, its decode scheme for T = 1)."""
     for component in Component:
-        simulate_component(getattr(model, component.value), recipe.scheme(component))
+        module, decode = getattr(model, component.value), recipe.decode_scheme(component)
+        if decode is None:
+            simulate_component(module, recipe.scheme(component))
+        else:
+            simulate_two_graphs(module, recipe.scheme(component), decode)

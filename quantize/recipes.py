@@ -78,6 +78,10 @@ APPROXIMATE_SIMULATION = Tolerance(min_top1=1.0, max_kl=5e-3, near_tie=1.0)
 INT8_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.99, max_kl=1e-2, simulated=APPROXIMATE_SIMULATION)
 INT4_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.90, max_kl=0.6, near_tie=0.5)
 Q4F16_TOLERANCE = Tolerance(min_top1=0.90, min_cosine=0.90, max_kl=0.6, near_tie=0.5, simulated=APPROXIMATE_SIMULATION)
+# Two decoder graphs, int8-channel for prefill and int4 block 128 for decode steps: every decode step's logits come
+# from the int4 graph, so the int4 bounds apply to the run; the prefill graph's own logits (the first step) are held
+# to the int8 bound (Recipe.prefill_tolerance); the gate is the exact-export one against both simulated graphs.
+INT4_DECODE_TOLERANCE = INT4_TOLERANCE
 FP16_TOLERANCE = Tolerance(min_top1=0.99, min_cosine=0.999, max_kl=1e-4)
 
 
@@ -100,10 +104,19 @@ class Recipe:
     description: str
     components: Dict[str, ComponentScheme]
     tolerance: Tolerance
+    # component -> the scheme of a second graph of it for decode steps (T = 1) over the same KV cache; the
+    # component's own scheme then serves prefill chunks (T > 1). ONNX int8-channel-q4decode's text decoder.
+    decode: Dict[str, ComponentScheme] = field(default_factory=dict)
+    # with a decode graph: the bound of the prefill graph's logits (parity's first teacher-forced step) against fp32
+    prefill_tolerance: Optional[Tolerance] = None
 
     def scheme(self, component: Component | str) -> ComponentScheme:
         key = component.value if isinstance(component, Component) else component
         return self.components.get(key, ComponentScheme())
+
+    def decode_scheme(self, component: Component | str) -> Optional[ComponentScheme]:
+        """The scheme of the component's decode graph, or None (one graph for prefill and decode)."""
+        return self.decode.get(component.value if isinstance(component, Component) else component)
 
 
 RECIPES: Dict[str, Registry[Recipe]] = {}

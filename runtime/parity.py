@@ -212,6 +212,20 @@ def _decoder_row(vs_fp32: Agreement, tolerance: Tolerance, failures: List[str]) 
     return ParityRow("text_decoder", vs_fp32.max_abs, vs_fp32.min_cosine, not reasons)
 
 
+def _prefill_graph_row(rows: List[ParityRow], logits: Sequence[torch.Tensor], prompt_length: int, chunk: int,
+                       tolerance: Tolerance, failures: List[str]) -> str:
+    """A recipe with a decode graph (Recipe.decode): step 0's logits (the last prefill chunk's) come from the
+    prefill graph, every later step's from the decode graph. Step 0 gets a row against fp32 with the prefill
+    graph's tolerance; the text_decoder row and the gate cover all steps. Returns a note saying so."""
+    last_chunk = prompt_length - (prompt_length - 1) // chunk * chunk
+    if last_chunk == 1:  # a one-token last chunk runs the decode graph: nothing of the prefill graph to compare
+        return "the prompt's last chunk has one token (decode graph): the prefill graph has no row of its own"
+    bound = Tolerance(tolerance.max_abs, None, tolerance.min_cosine)  # one logits vector: no top-1 / KL statistics
+    rows.append(_row("text_decoder[prefill graph]", logits[0][0], logits[1][0], bound, failures))
+    return (f"two decoder graphs: step 0 ({prompt_length}-token prompt, last chunk {last_chunk} tokens) ran the prefill "
+            f"graph, held to {bound.describe()} against fp32; steps 1..{logits[1].shape[0] - 1} ran the decode graph")
+
+
 def gate_failures(result: Agreement, tolerance: Tolerance) -> List[str]:
     """Top-1 on decisive steps and (when bounded) mean KL of the artifact against the gate's reference."""
     out = []
@@ -253,6 +267,10 @@ def run_parity(folder: str | Path, options: SessionOptions = SessionOptions(), s
 
     vs_fp32 = agreement("eager fp32", logits[0], logits[1], tolerance.near_tie)
     rows.append(_decoder_row(vs_fp32, tolerance, failures))
+    notes = []
+    if recipe.prefill_tolerance is not None:  # two decoder graphs: the prefill graph's own logits, its own bound
+        notes.append(_prefill_graph_row(rows, logits, prompt.shape[0], candidate.max_prefill_chunk,
+                                        recipe.prefill_tolerance, failures))
     if tolerance.max_kl is not None and not vs_fp32.kl_mean <= tolerance.max_kl:
         failures.append(f"agreement with fp32: mean KL {vs_fp32.kl_mean:.3g} > {tolerance.max_kl:g} nats "
                         f"(recipe {recipe.name}'s bound)")
@@ -266,7 +284,6 @@ def run_parity(folder: str | Path, options: SessionOptions = SessionOptions(), s
         gate = vs_fp32
         failures += gate_failures(gate, Tolerance(min_top1=tolerance.min_top1))
         gate_text = f"{tolerance.describe()}; gate: against eager fp32"
-    notes = []
     if vs_fp32.mean_margin < 0.1:
         notes.append("the eager model's logits are nearly flat: top-1 agreement says little for these weights")
     if gate.decisive_steps < gate.steps:

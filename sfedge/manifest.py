@@ -225,17 +225,66 @@ class CheckedFile:
     sha256: Any  # str when recorded; anything else is refused at verification
 
 
+DECODE_GRAPH = "decode_graph"  # ArtifactEntry.extra key of a component's second, T = 1 graph (see DecodeGraph)
+
+
+@dataclass(frozen=True)
+class DecodeGraph:
+    """A second graph of the text decoder for decode steps (T = 1), with the same inputs and outputs as the entry's
+    own file (which serves prefill chunks, T > 1) and the same KV cache (ONNX recipe int8-channel-q4decode).
+    Recorded as the entry's ``extra["decode_graph"]``: {"file", "sha256", "bytes", "quantization", "data_files",
+    "data_sha256"}."""
+
+    file: str
+    sha256: str
+    bytes: int
+    quantization: Dict[str, Any]
+    data_files: List[str] = field(default_factory=list)  # the graph's external data files (ONNX `<file>_data`)
+    data_sha256: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def decode_graph(entry: ArtifactEntry) -> Optional[DecodeGraph]:
+    """The entry's decode graph, or None (one graph serves prefill and decode); a malformed record is refused."""
+    record = entry.extra.get(DECODE_GRAPH)
+    if record is None:
+        return None
+    try:
+        graph = DecodeGraph(**record)
+    except TypeError as exc:
+        raise SfedgeError(f"manifest entry {entry.component}: {DECODE_GRAPH} is not a decode graph record ({exc}); "
+                          "re-export the model") from None
+    if (not isinstance(graph.file, str) or not isinstance(graph.data_files, list)
+            or not isinstance(graph.data_sha256, dict) or not isinstance(graph.quantization, dict)):
+        raise SfedgeError(f"manifest entry {entry.component}: {DECODE_GRAPH} needs a file name, a quantization "
+                          "mapping, a data_files list and a data_sha256 mapping; re-export the model")
+    return graph
+
+
+def _data_files(entry: ArtifactEntry) -> List[CheckedFile]:
+    data_files = entry.extra.get("data_files", [])
+    data_sha = entry.extra.get("data_sha256", {})
+    if not isinstance(data_files, list) or not isinstance(data_sha, dict):
+        raise SfedgeError(f"manifest entry {entry.component}: data_files must be a list and data_sha256 a mapping")
+    checked = [CheckedFile(name, f"data file of component {entry.component}", data_sha.get(name)) for name in data_files]
+    decode = decode_graph(entry)
+    if decode is not None:
+        what = f"decode graph of component {entry.component}"
+        checked.append(CheckedFile(decode.file, what, decode.sha256))
+        checked += [CheckedFile(name, f"data file of the {what}", decode.data_sha256.get(name)) for name in decode.data_files]
+    return checked
+
+
 def manifest_files(manifest: Manifest) -> List[CheckedFile]:
-    """Every file the manifest names: component files, ONNX external data files, the tokenizer."""
+    """Every file the manifest names: component files (and a decode graph's file), ONNX external data files,
+    the tokenizer."""
     files: Dict[str, CheckedFile] = {}
     for entry in manifest.components:
         files.setdefault(entry.file, CheckedFile(entry.file, f"component {entry.component}", entry.sha256))
-        data_files = entry.extra.get("data_files", [])
-        data_sha = entry.extra.get("data_sha256", {})
-        if not isinstance(data_files, list) or not isinstance(data_sha, dict):
-            raise SfedgeError(f"manifest entry {entry.component}: data_files must be a list and data_sha256 a mapping")
-        for name in data_files:
-            files.setdefault(name, CheckedFile(name, f"data file of component {entry.component}", data_sha.get(name)))
+        for item in _data_files(entry):
+            files.setdefault(item.name, item)
     tokenizer = manifest.tokenizer.get("file", TOKENIZER_FILE) if isinstance(manifest.tokenizer, dict) else None
     files.setdefault(tokenizer, CheckedFile(tokenizer, "tokenizer", manifest.tokenizer.get("sha256") if tokenizer else None))
     return list(files.values())

@@ -23,7 +23,7 @@ from sfedge.runtime.parity import run_parity  # noqa: E402
 from sfedge.runtime.sessions import SessionOptions, open_session  # noqa: E402
 from sfedge.runtime.sessions.eager import EagerSession  # noqa: E402
 
-RECIPES = ["fp32", "fp16", "int8", "int4", "int4-vision-static", "q4f16", "int8-channel"]
+RECIPES = ["fp32", "fp16", "int8", "int4", "int4-vision-static", "q4f16", "int8-channel", "int8-channel-q4decode"]
 MAX_CONTEXT, CHUNK = 128, 32
 STEMS = {"vision_encoder": "vision_encoder", "projector": "projector", "token_embedding": "embed_tokens",
          "text_decoder": "decoder_model_merged"}
@@ -101,7 +101,7 @@ def test_parity_with_eager_within_recipe_tolerance(export_dir, recipe):
         assert all(row.max_abs <= 1e-4 for row in report.rows), report.table()
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16", "int8-channel"])
+@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-vision-static", "q4f16", "fp16", "int8-channel", "int8-channel-q4decode"])
 @pytest.mark.slow
 def test_quantization_is_applied(export_dir, recipe):
     folder, baseline = export_dir(recipe), export_dir("fp32")
@@ -119,7 +119,8 @@ def test_quantization_is_applied(export_dir, recipe):
             assert ops.keys() & SCHEME_OPS[scheme], (entry.file, ops)
     decoder_ops = _ops(folder / manifest.component("text_decoder").file)
     expected = {"int8": "MatMulInteger", "int4": "MatMulNBits", "int4-vision-static": "MatMulNBits",
-                "q4f16": "MatMulNBits", "fp16": "MatMul", "int8-channel": "DynamicQuantizeMatMul"}[recipe]
+                "q4f16": "MatMulNBits", "fp16": "MatMul", "int8-channel": "DynamicQuantizeMatMul",
+                "int8-channel-q4decode": "DynamicQuantizeMatMul"}[recipe]  # its decode graph: test_onnx_q4decode.py
     assert decoder_ops[expected] >= 7 * 2, decoder_ops  # q, k, v, o, gate, up, down per layer
 
 

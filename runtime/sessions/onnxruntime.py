@@ -10,6 +10,10 @@ decoder's ``kv_layout`` (sfedge.runtime.sessions.onnx_kv):
   Concat writes a new [past + T] tensor per layer each step);
 - ``prefix-inplace``: one [1, max_context, kv_heads, head_dim] buffer per layer and kind, whose first
   start + T rows (a contiguous view) are bound as both past and present: ScatterND writes the new rows.
+
+A decoder entry with a decode graph (manifest ``extra.decode_graph``, recipe int8-channel-q4decode) opens two
+decoder sessions with identical inputs and outputs: calls of T > 1 tokens run the entry's file, calls of one token
+the decode graph; the same cache buffers are bound to whichever runs, so the two graphs share one KV cache.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 
 from sfedge.config import ModelConfig
 from sfedge.errors import SfedgeError
-from sfedge.manifest import Component, Manifest, artifact_path
+from sfedge.manifest import Component, Manifest, artifact_path, decode_graph
 from sfedge.memory import release_free_heap
 from sfedge.runtime.sessions.base import SESSIONS, ModelSession, SessionOptions
 from sfedge.runtime.sessions.onnx_kv import KVCache, open_cache
@@ -75,6 +79,9 @@ def _projector_key(frames: int) -> str:
     return f"{Component.PROJECTOR.value}[{frames}]"
 
 
+DECODE_GRAPH_KEY = f"{Component.TEXT_DECODER.value}[decode]"  # the T = 1 graph of a two-graph decoder
+
+
 class OnnxRuntimeSession(ModelSession):
     backend = "onnx"
 
@@ -89,9 +96,14 @@ class OnnxRuntimeSession(ModelSession):
         self.frames = self.frame_counts[0]
         self.encoder_batch = int(options["encoder_batch"])  # the graph's batch is dynamic: this bounds memory
         self._decoder = graphs[Component.TEXT_DECODER.value]
+        self._step_decoder = graphs.get(DECODE_GRAPH_KEY, self._decoder)  # runs the T = 1 calls
         self._device = device
         decoder = manifest.component(Component.TEXT_DECODER)
         dtype = self._decoder.input_types[decoder.extra["past_inputs"][0]]
+        if self._step_decoder.input_types != self._decoder.input_types or \
+                self._step_decoder.output_names != self._decoder.output_names:
+            raise SfedgeError(f"the decode graph {decode_graph(decoder).file} does not take the inputs and outputs of "
+                              f"{decoder.file}: the two cannot share a KV cache; re-export the model")
         self._cache: KVCache = open_cache(decoder.extra, self.config.llm, self.max_context, dtype, device)
         self.kv_layout = self._cache.layout
 
@@ -107,6 +119,10 @@ class OnnxRuntimeSession(ModelSession):
         graphs = {entry.component: _Graph(artifact_path(folder, entry.file), session_options(ort, options, entry.component),
                                           providers)
                   for entry in manifest.components if entry.component != Component.PROJECTOR.value}
+        step = decode_graph(manifest.component(Component.TEXT_DECODER))
+        if step is not None:
+            graphs[DECODE_GRAPH_KEY] = _Graph(artifact_path(folder, step.file, "decode graph"),
+                                              session_options(ort, options, Component.TEXT_DECODER.value), providers)
         graphs.update({_projector_key(frames): _Graph(artifact_path(folder, entry.file),
                                                       session_options(ort, options, Component.PROJECTOR.value), providers)
                        for frames, entry in manifest.projectors().items()})
@@ -144,7 +160,7 @@ class OnnxRuntimeSession(ModelSession):
             raise SfedgeError(f"decode at position {start_pos} but the cache holds {self._cache.length} tokens: "
                               f"positions must be contiguous (call reset() to start over)")
         self._cache.rewind(start_pos)  # an earlier start position overwrites from there on
-        graph = self._decoder
+        graph = self._step_decoder if tokens == 1 else self._decoder
         binding = graph.session.io_binding()
         binding.bind_cpu_input("inputs_embeds", graph.feed("inputs_embeds", embeds.numpy()[None]))
         binding.bind_cpu_input("attention_mask", np.ones((1, start_pos + tokens), dtype=np.int64))

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sfedge.export.api import ExportOptions, export_model
     from sfedge.export.common import Terminated, stage_table
+    from sfedge.manifest import decode_graph
 
     frame_counts = args.frames or []
     args.frames = frame_counts[0] if frame_counts else None  # the first count is the folder's default
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM
     for entry in manifest.components:
         print(f"{entry.component:<16} {entry.file:<32} {entry.bytes / 2**20:>9.2f} MiB  {entry.quantization}")
+        step = decode_graph(entry)  # a second decoder graph for decode steps (int8-channel-q4decode)
+        if step is not None:
+            print(f"{'  decode steps':<16} {step.file:<32} {step.bytes / 2**20:>9.2f} MiB  {step.quantization}")
     if not args.quiet:
         print(stage_table(manifest.stages, manifest.export_peak_rss_bytes), file=sys.stderr)
         print(f"wall time {time.perf_counter() - started:.1f} s (stages in a second process overlap: their sum is more)",
