@@ -16,10 +16,11 @@ serialize. Shapes:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -194,8 +195,10 @@ def constant_methods(model: SFLlava, max_context: int) -> dict:
 
 
 def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
-               progress: Progress, layers_quantized: bool = False) -> List[ArtifactEntry]:
-    """``layers_quantized``: the decoder layers were quantized while they were filled; only the lm_head is left."""
+               progress: Progress, layers_quantized: bool = False,
+               before_lower: Optional[Callable[[], None]] = None) -> List[ArtifactEntry]:
+    """``layers_quantized``: the decoder layers were quantized while they were filled; only the lm_head is left.
+    ``before_lower`` runs once the LLM is quantized and traced, just before its lowering."""
     llm = model.config.llm
     file, chunk = "llm.pte", options.prefill_chunk
     embed_q = _quantize(model.token_embedding, Component.TOKEN_EMBEDDING, recipe, progress)
@@ -220,6 +223,8 @@ def export_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: P
             programs[METHOD_DECODE_FLAT] = _trace(model.text_decoder, (torch.zeros(1, 1, llm.hidden),
                                                                        torch.zeros(1, dtype=torch.long)))
     constants = constant_methods(model, options.max_context)
+    if before_lower is not None:
+        before_lower()
     with progress.stage("llm", "lower"):
         data = lower_programs(programs, constants, share_mutable_buffers=form.flat is not None)
     _write(folder, file, data, "llm", progress)
@@ -257,12 +262,12 @@ def _export_vision_parts(model: SFLlava, options: ExportOptions, recipe: Recipe,
 
 
 def _export_llm_part(model: SFLlava, options: ExportOptions, recipe: Recipe, folder: Path,
-                     progress: Progress) -> List[ArtifactEntry]:
+                     progress: Progress, before_lower: Optional[Callable[[], None]] = None) -> List[ArtifactEntry]:
     scheme = recipe.scheme(Component.TEXT_DECODER)
     # each decoder layer is quantized as soon as it is filled: only one layer's float32 weights at a time
     with model_part(model, "llm", progress, on_layer=lambda layer: quantize_component(
             layer, Component.TEXT_DECODER.value, scheme)) as layers_quantized:
-        return export_llm(model, options, recipe, folder, progress, layers_quantized)
+        return export_llm(model, options, recipe, folder, progress, layers_quantized, before_lower)
 
 
 def export_vision_parts_in_child(config, weights, options: ExportOptions, recipe_name: str, folder: Path) -> tuple:
@@ -288,7 +293,8 @@ def _vision_beside_llm(model: SFLlava, options: ExportOptions, recipe: Recipe, p
     needed, available = side_by_side_peak(model, "executorch", recipe.name, CHILD_PARTS), available_memory()
     fits = needed <= available.nbytes
     if progress.enabled:
-        print(f"[export] vision encoder + projectors: {'a second process, beside the LLM' if fits else 'this process'} "
+        where = "a second process, beside the LLM's lowering" if fits else "this process"
+        print(f"[export] vision encoder + projectors: {where} "
               f"(both at once need ~{gib(needed)}; {available.describe()})", file=sys.stderr, flush=True)
     return fits
 
@@ -301,10 +307,19 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
         raise UsageError(f"--encoder-batch must be >= 1, got {options.encoder_batch}")
     if not _vision_beside_llm(model, options, recipe, progress):
         return _export_vision_parts(model, options, recipe, folder, progress) + _export_llm_part(model, options, recipe, folder, progress)
-    with PartProcess("vision encoder and projector", export_vision_parts_in_child, model.config, weights_source(model),
-                     options, recipe.name, folder) as child, progress.beside_child(child.pid):
-        llm_entries = _export_llm_part(model, options, recipe, folder, progress)
-        vision_entries, records, timings = child.result()
+    with contextlib.ExitStack() as stack:
+        children: List[PartProcess] = []
+
+        def start_vision() -> None:
+            # once the LLM is quantized and traced: the child's peak meets the lowering's low start (its memory grows
+            # as delegates accumulate), not the quantize stages' peaks, and the lowering (minutes) hides the child's time
+            child = stack.enter_context(PartProcess("vision encoder and projector", export_vision_parts_in_child,
+                                                    model.config, weights_source(model), options, recipe.name, folder))
+            stack.enter_context(progress.beside_child(child.pid))
+            children.append(child)
+
+        llm_entries = _export_llm_part(model, options, recipe, folder, progress, before_lower=start_vision)
+        vision_entries, records, timings = children[0].result()
     progress.merge(records, timings)
     return vision_entries + llm_entries
 
