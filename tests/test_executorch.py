@@ -38,10 +38,10 @@ HIDDEN = CONFIG.llm.hidden
 EXTRA_FRAMES = EXECUTORCH_EXTRA_FRAMES
 
 
-def _export(recipe: str, out: Path):
+def _export(recipe: str, out: Path, parallel_parts: bool = True):
     """A fresh export (for the tests that make one fail); the others share ``executorch_export``'s folders."""
     options = ExportOptions(backend="executorch", recipe=recipe, max_context=MAX_CONTEXT, prefill_chunk=CHUNK,
-                            encoder_batch=BATCH, show_progress=False,
+                            encoder_batch=BATCH, show_progress=False, parallel_parts=parallel_parts,
                             extra_frames=EXTRA_FRAMES if recipe == "fp32" else ())
     return export_model(CONFIG, WeightsSource(seed=0), options, out)
 
@@ -206,20 +206,24 @@ def test_weight_only_recipe_refused_with_reason(tmp_path: Path, name: str):
 
 
 @pytest.mark.slow
-def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("parallel_parts", [False, True], ids=["one-process", "vision-beside-llm"])
+def test_interrupted_export_leaves_no_folder(tmp_path: Path, monkeypatch, parallel_parts: bool):
+    """A crash mid-export leaves neither the folder nor a .partial sibling: in one process after two .pte files were
+    written; with the vision parts in a second process, in the parent's LLM lowering (the child is killed)."""
     calls = []
 
-    def failing_lower(programs, constant_methods=None, per_op_linears=True):
-        calls.append(list(programs))
-        if len(calls) > 1:  # vision_encoder.pte (lower_checked) and projector.pte were written; fail on projector_f4
+    def failing_lower(programs, constant_methods=None, per_op_linears=True, **kwargs):
+        calls.append(sorted(programs))
+        if parallel_parts or len(calls) > 1:  # one process: vision_encoder.pte and projector.pte were written
             raise RuntimeError("simulated crash mid-export")
         return b"partial"
 
-    monkeypatch.setattr(et_export, "lower_programs", failing_lower)
+    monkeypatch.setattr(et_export, "lower_programs", failing_lower)  # this process only: the spawned child lowers for real
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     out = tmp_path / "tiny_executorch_fp32"
     with pytest.raises(RuntimeError, match="simulated"):
-        _export("fp32", out)
-    assert calls == [["projector"], ["projector"]]
+        _export("fp32", out, parallel_parts=parallel_parts)
+    assert calls == ([["text_decoder", "token_embedding"]] if parallel_parts else [["projector"], ["projector"]])
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a .partial sibling
 
 
