@@ -32,6 +32,7 @@ from sfedge.manifest import (
 )
 from sfedge.models import SFLlava
 from sfedge.quantize.executorch import decoder_options, embedding_table_bytes, quantize_component
+from sfedge.quantize.executorch_hqq import use_torchao_hqq
 from sfedge.quantize.recipes import Recipe
 from sfedge.export.api import EXPORTERS, PART_BY_PART, ExportOptions
 from sfedge.export.common import (
@@ -40,7 +41,7 @@ from sfedge.export.common import (
 from sfedge.export.memory_estimate import side_by_side_peak
 from sfedge.export.part_process import PartProcess
 from sfedge.memory import available_memory, gib
-from sfedge.export.executorch_decompositions import skip_noop_decompositions
+from sfedge.export.executorch_decompositions import ENV_ALL_DECOMPOSITIONS, skip_noop_decompositions
 from sfedge.export.executorch_llm import ATTENTION_FORMS, METHOD_DECODE_FLAT, MODE_OPS, flat_from_position, set_attention_mode, use_custom_ops
 from sfedge.export.executorch_vision import nontrivial_ops_outside, trace_vision_encoder
 
@@ -70,6 +71,13 @@ def _executorch():
 
 ENV_ALL_PASSES = "SFEDGE_ET_DQ_ALL_PASSES"  # "1": every dynamic-quant linear partition runs XNNPACK's 17 passes
 DQ_LINEAR_SPEC = "dqlinear_partitioner"  # XnnpackBackend.preprocess: run only ConvertToLinearPass on the partition
+
+
+def check_switches() -> None:
+    """Refuse (one line) an unknown value of any of the exporter's environment switches."""
+    env_switch(ENV_ALL_PASSES, ("1",))
+    env_switch(ENV_ALL_DECOMPOSITIONS, ("1",))
+    use_torchao_hqq()
 
 
 def _partitioners(et: dict) -> list:
@@ -147,8 +155,6 @@ def export_vision_encoder(model: SFLlava, options: ExportOptions, recipe: Recipe
     vision = model.config.vision
     component, file = Component.VISION_ENCODER, "vision_encoder.pte"
     batch, size = options.encoder_batch, vision.frame_size
-    if batch < 1:
-        raise UsageError(f"--encoder-batch must be >= 1, got {batch}")
     scheme = recipe.scheme(component)
     with progress.stage(component.value, "quantize + trace"):
         program = trace_vision_encoder(model.vision_encoder, scheme, batch)
@@ -305,6 +311,7 @@ def export_executorch(model: SFLlava, options: ExportOptions, recipe: Recipe, fo
         raise UsageError(f"--prefill-chunk {options.prefill_chunk} must be below --max-context {options.max_context}")
     if options.encoder_batch < 1:
         raise UsageError(f"--encoder-batch must be >= 1, got {options.encoder_batch}")
+    check_switches()  # before any work (and before a second process starts)
     if not _vision_beside_llm(model, options, recipe, progress):
         return _export_vision_parts(model, options, recipe, folder, progress) + _export_llm_part(model, options, recipe, folder, progress)
     with contextlib.ExitStack() as stack:

@@ -29,6 +29,7 @@ from sfedge.runtime.video import make_demo_video
 RUN = ("run", "--model", "tiny", "--video", "{video}", "--prompt", "hi", "--max-new-tokens", "2")
 ART = ("run", "{art}", "--video", "{video}", "--prompt", "hi", "--max-new-tokens", "2")
 EXPORT = ("export", "--model", "tiny", "--backend", "onnx", "--quant", "fp32", "--quiet", "--out", "out")
+EXPORT_ET = ("export", "--model", "tiny", "--backend", "executorch", "--quant", "8da4w", "--quiet", "--out", "out")
 MARKER = "UNPICKLED"  # a pickle payload below creates this file in {bad} if it is ever unpickled
 
 
@@ -105,6 +106,11 @@ def bad(tmp_path_factory, demo_video):
 
 
 # --- artifact mutations -------------------------------------------------------------------------
+
+def _decoder_extra(manifest: dict) -> dict:
+    """The text decoder entry's ``extra`` of a manifest read as JSON."""
+    return next(c for c in manifest["components"] if c["component"] == "text_decoder")["extra"]
+
 
 def _edit_manifest(edit: Callable[[dict], object]) -> Callable[[Path], None]:
     def mutate(folder: Path) -> None:
@@ -221,6 +227,8 @@ ROWS = [
     Row("export-memory-limit-not-a-size", EXPORT, 2, "SFEDGE_MEMORY_LIMIT='lots' is not a size",
         env=(("SFEDGE_MEMORY_LIMIT", "lots"),)),
     Row("export-memory-limit-too-small", EXPORT, 1, "--ignore-memory-check", env=(("SFEDGE_MEMORY_LIMIT", "1MiB"),)),
+    *[Row(f"export-env-{name.lower()}", EXPORT_ET, 2, f"{name}='yes please' is not understood", env=((name, "yes please"),))
+      for name in ("SFEDGE_ET_HQQ", "SFEDGE_ET_DQ_ALL_PASSES", "SFEDGE_ET_ALL_DECOMPOSITIONS")],
     Row("budget-max-new-tokens-negative", ("budget", "--model", "tiny", "--max-new-tokens", "-1"), 2, "--max-new-tokens"),
     Row("budget-context-zero", ("budget", "--model", "tiny", "--context", "0"), 2, "argument --context"),
     Row("budget-prompt-not-utf8", ("budget", "--model", "tiny", "--prompt", "\udcff"), 2, "not valid UTF-8"),
@@ -267,6 +275,11 @@ ROWS = [
     Row("artifacts-no-manifest", ART, 1, "has no manifest.json", _remove("manifest.json")),
     Row("artifacts-manifest-bad-json", ART, 1, "is not valid JSON", lambda f: (f / "manifest.json").write_text("{oops")),
     Row("artifacts-schema-version", ART, 1, "schema_version 99", _edit_manifest(lambda d: d.update(schema_version=99))),
+    Row("artifacts-decode-graph-not-a-record", ART, 1, "decode_graph is not a decode graph record",
+        _edit_manifest(lambda d: _decoder_extra(d).update(decode_graph="decoder_q4.onnx"))),
+    Row("artifacts-decode-graph-missing-file", ART, 1, "decoder_q4.onnx",
+        _edit_manifest(lambda d: _decoder_extra(d).update(decode_graph={
+            "file": "decoder_q4.onnx", "sha256": "0" * 64, "bytes": 1, "quantization": {}}))),
     Row("artifacts-model-config-zero-heads", ART + ("--no-verify",), 1, "llm.heads = 0", _edit_manifest(_zero_llm_heads)),
     Row("artifacts-truncated-onnx", ART, 1, "decoder_model_merged.onnx", _truncate("decoder_model_merged.onnx")),
     Row("artifacts-truncated-onnx-no-verify", ART + ("--no-verify",), 1, "decoder_model_merged.onnx",
