@@ -170,10 +170,39 @@ def save_multifunction(parts: dict, default: str, destination: Path) -> None:
 
 
 def load_spec(path: Path):
-    """The protobuf spec of a saved package (no Core ML runtime needed)."""
+    """The protobuf spec of a saved package (no Core ML runtime needed), read without writing to the package.
+
+    ``coremltools.utils.load_spec`` opens a package through its ModelPackage class, whose destructor rewrites
+    ``Manifest.json`` (through a temp file ``Manifest.<id>`` renamed over it): reading a spec would change the
+    artifact folder, and a verification hashing the folder at that moment sees a file come and go. Here the
+    manifest is read as JSON and the root model's spec file parsed directly."""
     ct = coremltools()
-    with _quiet():
-        return ct.utils.load_spec(str(path))
+    path = Path(path)
+    spec_file = root_model_file(path) if path.is_dir() else path
+    spec = ct.proto.Model_pb2.Model()
+    try:
+        spec.ParseFromString(spec_file.read_bytes())
+    except (OSError, ValueError) as exc:  # protobuf's DecodeError is a ValueError
+        raise UsageError(f"{spec_file}: not a readable Core ML model spec ({exc})") from None
+    return spec
+
+
+def root_model_file(package: Path) -> Path:
+    """The spec file (``Data/<path>``) that a .mlpackage's Manifest.json names as its root model."""
+    import json
+
+    manifest = package / "Manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        entry = data["itemInfoEntries"][data["rootModelIdentifier"]]
+        relative = Path(entry["path"])
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read the package manifest ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{manifest}: not a Core ML package manifest (no root model entry)") from None
+    if relative.is_absolute() or ".." in relative.parts:
+        raise UsageError(f"{manifest}: root model path {str(relative)!r} leaves the package")
+    return package / "Data" / relative
 
 
 def mil_op_types(path: Path, function: str | None = None) -> dict:

@@ -4,7 +4,10 @@
 when the hash matched, keyed by the file's absolute path and the expected sha256, together with its
 stat signature: size, mtime_ns, ctime_ns, inode and device of the file (of every file inside a
 .mlpackage folder). Any change of the signature (a rewrite, ``touch``, a copy, a replacement by
-rename) makes the next open hash the file again; a mismatch is never cached.
+rename) makes the next open hash the file again; a mismatch is never cached. A file of at most 64 KiB is
+signed by its content instead (hashing it costs less than a stat's worth of doubt): a Core ML package's
+``Manifest.json``, which coremltools rewrites, byte for byte the same, every time it opens the package (on
+macOS every session does), would otherwise send every start back to hashing the whole package.
 
 The cache is a small JSON file, ``$SFEDGE_CACHE_DIR/verified.json`` or
 ``~/.cache/sfedge/verified.json`` (``$XDG_CACHE_HOME`` is honoured), written atomically (temp file +
@@ -19,16 +22,20 @@ trusted as the user's home: whoever can write it can record a verdict for any fi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Union
 
+from sfedge.artifact_files import artifact_files
+
 CACHE_DIR_ENV = "SFEDGE_CACHE_DIR"
 ENABLE_ENV = "SFEDGE_VERIFY_CACHE"  # "0" turns the cache off
 FILE_NAME = "verified.json"
-VERSION = 1
+VERSION = 2  # 2: small files signed by content
+SMALL_FILE_BYTES = 64 * 1024
 MAX_ENTRIES = 2048
 
 
@@ -44,13 +51,18 @@ def enabled() -> bool:
 
 
 def signature(path: Union[str, Path]) -> List[list]:
-    """[relative name, size, mtime_ns, ctime_ns, inode, device] of the file, or of every file in a folder."""
-    path = Path(path)
-    files = [("", path)] if path.is_file() else sorted((str(p.relative_to(path)), p) for p in path.rglob("*") if p.is_file())
+    """[relative name, size, mtime_ns, ctime_ns, inode, device] of the file, or of every file in a folder
+    (``sfedge.artifact_files``); a file of at most SMALL_FILE_BYTES is signed [name, size, sha256] instead."""
     rows = []
-    for name, file in files:
-        stat = file.stat()
-        rows.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev])
+    for name, file in artifact_files(path):
+        try:
+            stat = file.stat()
+            if stat.st_size <= SMALL_FILE_BYTES:
+                rows.append([name, stat.st_size, hashlib.sha256(file.read_bytes()).hexdigest()])
+            else:
+                rows.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev])
+        except FileNotFoundError:  # gone since the listing: the signature then differs from the next one
+            rows.append([name, None])
     return rows
 
 

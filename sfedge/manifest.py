@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional, Union
 
+from sfedge.artifact_files import artifact_files
 from sfedge.errors import SfedgeError
 
 SCHEMA_VERSION = 1
@@ -205,15 +206,18 @@ def sha256_path(path: Union[str, Path]) -> str:
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(sha256_file(file).encode())
+    for name, file in artifact_files(path):
+        try:
+            file_hash = sha256_file(file)
+        except FileNotFoundError:  # gone since the listing: not part of the artifact
+            continue
+        digest.update(name.encode())
+        digest.update(file_hash.encode())
     return digest.hexdigest()
 
 
 def path_bytes(path: Union[str, Path]) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(file.stat().st_size for _, file in artifact_files(path))
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,19 @@
 session. Nothing is downloaded."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from sfedge import hash_cache
 from sfedge.config import get_preset
 from sfedge.models import WeightsSource, build_model
 from sfedge.runtime.video import make_demo_video
@@ -38,6 +42,10 @@ KERNELS_RECIPE = "fp32-sfedge"
 
 
 def pytest_configure(config):
+    # the verification cache (sfedge/hash_cache.py) of this run, not the user's ~/.cache/sfedge (subprocesses inherit it)
+    cache = tempfile.mkdtemp(prefix="sfedge-verify-cache-")
+    os.environ[hash_cache.CACHE_DIR_ENV] = cache
+    atexit.register(shutil.rmtree, cache, True)
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:  # pytest-xdist: the workers share the cores; one torch thread each on 2 cores with -n 2
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))

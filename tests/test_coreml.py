@@ -7,6 +7,7 @@ module that is exported, and run_parity runs only on macOS.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -139,6 +140,24 @@ def test_static_packages_spec(fp16_folder):
 
 @pytest.mark.slow
 @FOLDERS_GROUP
+def test_reading_a_spec_leaves_the_package_untouched(fp16_folder, tmp_path):
+    """coremltools.utils.load_spec rewrites Manifest.json (its ModelPackage's destructor, through a temp file): ours
+    reads the same spec without writing, so inspecting a folder never changes the artifacts it verifies."""
+    from sfedge.export.coreml_convert import coremltools
+
+    for name in ("vision_encoder.mlpackage", "projector.mlpackage", "llm.mlpackage"):
+        package = fp16_folder / name
+        before = [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(package.rglob("*"))]
+        ours = _spec(package)
+        assert [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(package.rglob("*"))] == before
+        copy = shutil.copytree(package, tmp_path / name)
+        manifest_inode = (copy / "Manifest.json").stat().st_ino
+        assert ours == coremltools().utils.load_spec(str(copy))
+        assert (copy / "Manifest.json").stat().st_ino != manifest_inode  # what ours avoids: the manifest rewritten
+
+
+@pytest.mark.slow
+@FOLDERS_GROUP
 def test_int4_recipe_is_really_applied(fp16_folder, int4_folder):
     manifest = read_manifest(int4_folder)
     decoder = manifest.component(Component.TEXT_DECODER).quantization
@@ -248,3 +267,23 @@ def test_executorch_coreml_pte_delegates_every_method(export_once):
     assert all(ids == ["CoreMLBackend"] for ids in delegates.values())
     assert {e.method for e in manifest.components} == set(delegates)
     assert all(e.extra["take_over_mutable_buffer"] is False for e in manifest.components)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "cannot read the package manifest"),
+    ("{not json", "not a Core ML package manifest"),
+    ('{"rootModelIdentifier": "a", "itemInfoEntries": {}}', "not a Core ML package manifest"),
+    ('{"rootModelIdentifier": "a", "itemInfoEntries": {"a": {"path": "../../etc/passwd"}}}', "leaves the package"),
+    ('{"rootModelIdentifier": "a", "itemInfoEntries": {"a": {"path": "com.apple.CoreML/model.mlmodel"}}}',
+     "model.mlmodel: not a readable Core ML model spec"),
+])
+def test_a_broken_package_is_one_line_naming_the_file(tmp_path, manifest, message):
+    from sfedge.export.coreml_convert import load_spec
+
+    package = tmp_path / "vision_encoder.mlpackage"
+    (package / "Data/com.apple.CoreML").mkdir(parents=True)
+    if manifest is not None:
+        (package / "Manifest.json").write_text(manifest)
+    with pytest.raises(UsageError, match=message) as info:
+        load_spec(package)
+    assert "vision_encoder.mlpackage" in str(info.value) and "\n" not in str(info.value)
