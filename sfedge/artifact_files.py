@@ -11,16 +11,11 @@ A file that disappears between the listing and its use is skipped the same way.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import List, Tuple, Union
 
 PACKAGE_MANIFEST = "Manifest.json"
-
-
-def is_transient(folder: Path, file: Path) -> bool:
-    """A coremltools manifest temp file at the root of a package (``Manifest.<id>`` beside Manifest.json)."""
-    return (file.parent == folder and file.name != PACKAGE_MANIFEST and file.name.startswith("Manifest.")
-            and (folder / PACKAGE_MANIFEST).is_file())
 
 
 def artifact_files(path: Union[str, Path]) -> List[Tuple[str, Path]]:
@@ -28,5 +23,18 @@ def artifact_files(path: Union[str, Path]) -> List[Tuple[str, Path]]:
     path = Path(path)
     if path.is_file():
         return [("", path)]
-    files = (p for p in path.rglob("*") if p.is_file() and not is_transient(path, p))
+    package = (path / PACKAGE_MANIFEST).is_file()
+
+    def transient(file: Path) -> bool:  # Manifest.<id> beside a package's Manifest.json
+        return package and file.parent == path and file.name != PACKAGE_MANIFEST and file.name.startswith("Manifest.")
+
+    files = (p for p in path.rglob("*") if p.is_file() and not transient(p))
     return sorted((str(p.relative_to(path)), p) for p in files)
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,14 +22,13 @@ trusted as the user's home: whoever can write it can record a verdict for any fi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Union
 
-from sfedge.artifact_files import artifact_files
+from sfedge.artifact_files import artifact_files, sha256_file
 
 CACHE_DIR_ENV = "SFEDGE_CACHE_DIR"
 ENABLE_ENV = "SFEDGE_VERIFY_CACHE"  # "0" turns the cache off
@@ -58,7 +57,7 @@ def signature(path: Union[str, Path]) -> List[list]:
         try:
             stat = file.stat()
             if stat.st_size <= SMALL_FILE_BYTES:
-                rows.append([name, stat.st_size, hashlib.sha256(file.read_bytes()).hexdigest()])
+                rows.append([name, stat.st_size, sha256_file(file)])
             else:
                 rows.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev])
         except FileNotFoundError:  # gone since the listing: the signature then differs from the next one

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional, Union
 
-from sfedge.artifact_files import artifact_files
+from sfedge.artifact_files import artifact_files, sha256_file  # noqa: F401 (sha256_file: re-exported)
 from sfedge.errors import SfedgeError
 
 SCHEMA_VERSION = 1
@@ -190,14 +190,6 @@ def contained_path(folder: Union[str, Path], name: object, source: str, what: st
 def artifact_path(folder: Union[str, Path], name: object, what: str = "file") -> Path:
     """The path of a file an artifact folder's manifest names, refused unless it stays inside the folder."""
     return contained_path(folder, name, str(Path(folder) / MANIFEST_FILE), what)
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_path(path: Union[str, Path]) -> str:
